@@ -1,0 +1,32 @@
+"""Core of lht: hierarchical positions and exact ML-SWA attention."""
+
+from lhtcli.core.attention import (
+    AttentionResult,
+    MLSWAPlan,
+    build_mlswa_plan,
+    compact_attention,
+    dense_attention,
+    mlswa_attention,
+)
+from lhtcli.core.mask import mlswa_dense_mask, pair_level_map
+from lhtcli.core.positions import (
+    HierarchicalPositions,
+    TokenizedSequence,
+    build_sequences,
+    positions_from_lengths,
+)
+
+__all__ = [
+    "AttentionResult",
+    "HierarchicalPositions",
+    "MLSWAPlan",
+    "TokenizedSequence",
+    "build_mlswa_plan",
+    "build_sequences",
+    "compact_attention",
+    "dense_attention",
+    "mlswa_attention",
+    "mlswa_dense_mask",
+    "pair_level_map",
+    "positions_from_lengths",
+]
