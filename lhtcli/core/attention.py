@@ -323,3 +323,38 @@ def mlswa_attention(
     else:
         raise ValueError(f"unknown attention backend {chosen!r} (expected auto, dense or compact)")
     return out.transpose(1, 2)
+
+
+class MLSWAContext:
+    """Everything attention needs for one batch, prepared once and shared by every layer and head.
+
+    Plans (or dense masks) are built lazily per distinct ``max_level`` the layers ask for.
+    """
+
+    def __init__(
+        self,
+        positions: HierarchicalPositions,
+        window_size_per_level: Sequence[int],
+        backend: str = "auto",
+    ) -> None:
+        self.positions = positions.batched()
+        self.windows = [int(w) for w in window_size_per_level]
+        self.backend = choose_backend(self.positions.seq_len, self.positions.device, backend)
+        self._prepared: dict[int, object] = {}
+
+    def prepared(self, max_level: int):
+        if max_level not in self._prepared:
+            if self.backend == "dense":
+                self._prepared[max_level] = mlswa_dense_mask(self.positions, self.windows, max_level)
+            else:
+                self._prepared[max_level] = build_mlswa_plan(self.positions, self.windows, max_level)
+        return self._prepared[max_level]
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_level: int, scale: float | None = None
+    ) -> torch.Tensor:
+        """Head-major [B, H, N, D] -> [B, H, N, D]."""
+        prepared = self.prepared(max_level)
+        if self.backend == "dense":
+            return dense_attention(q, k, v, prepared, scale)[0]
+        return compact_attention(q, k, v, prepared, scale).out

@@ -1,0 +1,228 @@
+"""The Learned Hierarchical Transformer encoder (DESIGN.md section 4).
+
+Pre-LayerNorm blocks of ML-SWA self-attention and a GELU MLP, rotary (or learned absolute) token
+positions, a final LayerNorm and a BERT-style MLM head tied to the token embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lhtcli.config import ModelConfig
+from lhtcli.core.attention import MLSWAContext
+from lhtcli.core.positions import HierarchicalPositions
+
+
+@dataclass
+class LayerCapture:
+    """What a diagnostic needs from one layer: rotated queries and keys, [B, H, N, D]."""
+
+    layer: int
+    max_level: int
+    q: torch.Tensor
+    k: torch.Tensor
+
+
+@dataclass
+class LHTOutput:
+    hidden: torch.Tensor  # [B, N, d_model]
+    mlm_logits: torch.Tensor  # [B, N, vocab]
+    loss: torch.Tensor | None = None
+    captures: list[LayerCapture] = field(default_factory=list)
+
+
+def token_positions(positions: HierarchicalPositions) -> torch.Tensor:
+    """0-based token index of each real token (padding gets 0): the coordinate RoPE rotates by."""
+    return (positions.batched().level_enums[0] - 1).clamp(min=0)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, token_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [B, 1, N, D/2]."""
+        angles = token_pos.to(self.inv_freq.dtype)[..., None] * self.inv_freq
+        return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.flatten(-2)
+
+
+class MLSWASelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, max_level: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.max_level = max_level
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: MLSWAContext,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        captures: list[LayerCapture] | None,
+    ) -> torch.Tensor:
+        batch, n, d_model = x.shape
+        qkv = self.qkv(x).view(batch, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # [B, H, N, D]
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if captures is not None:
+            captures.append(LayerCapture(self.layer, self.max_level, q.detach(), k.detach()))
+        out = context.attend(q, k, v, self.max_level)
+        out = out.transpose(1, 2).reshape(batch, n, d_model)
+        return self.dropout(self.proj(out))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, max_level: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.d_model)
+        self.attn = MLSWASelfAttention(cfg, layer, max_level)
+        self.norm2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, context, rotary, captures):
+        x = x + self.attn(self.norm1(x), context, rotary, captures)
+        return x + self.mlp(self.norm2(x))
+
+
+class MLMHead(nn.Module):
+    """BERT's transform (dense, GELU, LayerNorm) then a decoder tied to the token embedding."""
+
+    def __init__(self, cfg: ModelConfig, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.embedding = embedding
+        self.bias = nn.Parameter(torch.zeros(embedding.num_embeddings))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        h = self.norm(F.gelu(self.dense(hidden)))
+        return F.linear(h, self.embedding.weight, self.bias)
+
+
+class LHTEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size must be resolved (from the tokenizer) before building the model")
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.position_embedding = None if cfg.rope else nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.rotary = RotaryEmbedding(cfg.d_model // cfg.n_heads, cfg.rope_theta) if cfg.rope else None
+        self.embedding_dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i, lvl) for i, lvl in enumerate(cfg.max_levels()))
+        self.final_norm = nn.LayerNorm(cfg.d_model)
+        self.mlm_head = MLMHead(cfg, self.token_embedding)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: HierarchicalPositions,
+        labels: torch.Tensor | None = None,
+        capture: bool = False,
+        context: MLSWAContext | None = None,
+    ) -> LHTOutput:
+        """input_ids [B, N]; positions batched to [B, N]. ``capture`` keeps each layer's q and k."""
+        positions = positions.batched()
+        batch, n = input_ids.shape
+        if positions.seq_len != n:
+            raise ValueError(f"positions cover {positions.seq_len} tokens but input_ids has {n}")
+        if n > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {n} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        context = context or MLSWAContext(positions, self.cfg.mlswa.window_size_per_level, self.cfg.mlswa.backend)
+        token_pos = token_positions(positions)
+        x = self.token_embedding(input_ids)
+        rotary = None
+        if self.rotary is not None:
+            rotary = self.rotary(token_pos)
+        else:
+            x = x + self.position_embedding(token_pos)
+        x = self.embedding_dropout(x)
+        captures: list[LayerCapture] | None = [] if capture else None
+        for block in self.blocks:
+            x = block(x, context, rotary, captures)
+        hidden = self.final_norm(x)
+        real = positions.real_mask[..., None]
+        hidden = hidden * real  # padding carries no signal downstream
+        logits = self.mlm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+        return LHTOutput(hidden, logits, loss, captures or [])
+
+    def num_parameters(self, trainable_only: bool = True) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward): matmuls plus attention over the
+        average number of allowed keys (bounded by the token window for long sequences)."""
+        cfg = self.cfg
+        dense = 2 * (4 * cfg.d_model**2 + 2 * cfg.d_model * cfg.d_ff) * cfg.num_layers
+        head = 2 * cfg.d_model * (cfg.d_model + (cfg.vocab_size or 0))
+        keys = min(seq_len, 2 * cfg.mlswa.window_size_per_level[0] + 1)
+        attention = 2 * 2 * keys * cfg.d_model * cfg.num_layers
+        return 3.0 * (dense + head + attention)
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: no weight decay on biases and norms (vectors), decay on matrices."""
+        decay, no_decay = [], []
+        for _name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            (decay if param.dim() >= 2 else no_decay).append(param)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+
+def describe_size(num_params: int) -> str:
+    if num_params >= 1e9:
+        return f"{num_params / 1e9:.2f}B"
+    if num_params >= 1e6:
+        return f"{num_params / 1e6:.2f}M"
+    return f"{num_params / 1e3:.1f}K"
+
+
+__all__ = ["LHTEncoder", "LHTOutput", "LayerCapture", "describe_size"]
