@@ -15,9 +15,17 @@ from lhtcli.core.positions import (
     build_sequences,
     positions_from_lengths,
 )
+from lhtcli.core.probing import (
+    AttentionRowStats,
+    mlswa_attention_entropy,
+    mlswa_attention_probs,
+    mlswa_level_mass,
+    mlswa_row_stats,
+)
 
 __all__ = [
     "AttentionResult",
+    "AttentionRowStats",
     "HierarchicalPositions",
     "MLSWAPlan",
     "TokenizedSequence",
@@ -26,7 +34,11 @@ __all__ = [
     "compact_attention",
     "dense_attention",
     "mlswa_attention",
+    "mlswa_attention_entropy",
+    "mlswa_attention_probs",
     "mlswa_dense_mask",
+    "mlswa_level_mass",
+    "mlswa_row_stats",
     "pair_level_map",
     "positions_from_lengths",
 ]
