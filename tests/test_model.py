@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from lhtcli.config import ModelConfig
+from lhtcli.core import HierarchicalPositions, positions_from_lengths
+from lhtcli.model import LHTEncoder
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    base = dict(
+        vocab_size=64, d_model=32, n_heads=4, num_layers=3, d_ff=64, dropout=0.0, max_seq_len=64,
+        mlswa=dict(num_levels=3, window_size_per_level=[3, 1, 1], layer_max_level=[0, 1, 2]),
+    )
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def padded_batch():
+    docs = [[[3, 2], [4, 1, 2]], [[5, 5, 5], [2], [1, 1]]]
+    positions = [positions_from_lengths(d) for d in docs]
+    batch = HierarchicalPositions.batch(positions)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.zeros(batch.batch_size, batch.seq_len, dtype=torch.long)
+    singles = []
+    for row, p in enumerate(positions):
+        row_ids = torch.randint(5, 64, (p.seq_len,), generator=g)
+        ids[row, : p.seq_len] = row_ids
+        singles.append((row_ids, p))
+    return ids, batch, singles
+
+
+@pytest.mark.parametrize("backend", ["compact", "dense"])
+@pytest.mark.parametrize("rope", [True, False])
+def test_padding_does_not_change_real_outputs(backend, rope):
+    torch.manual_seed(0)
+    cfg = tiny_config(rope=rope, mlswa=dict(num_levels=3, window_size_per_level=[3, 1, 1],
+                                            layer_max_level=[0, 1, 2], backend=backend))
+    model = LHTEncoder(cfg).eval()
+    ids, batch, singles = padded_batch()
+    out = model(ids, batch)
+    for row, (row_ids, p) in enumerate(singles):
+        alone = model(row_ids[None], p)
+        torch.testing.assert_close(out.hidden[row, : p.seq_len], alone.hidden[0], atol=1e-5, rtol=1e-5)
+        assert torch.count_nonzero(out.hidden[row, p.seq_len :]) == 0
+
+
+def test_forward_backward_with_labels_gives_finite_gradients():
+    torch.manual_seed(0)
+    model = LHTEncoder(tiny_config(dropout=0.1)).train()
+    ids, batch, _ = padded_batch()
+    labels = torch.full_like(ids, -100)
+    labels[:, 1:4] = ids[:, 1:4]
+    out = model(ids, batch, labels=labels)
+    assert out.mlm_logits.shape == (*ids.shape, 64)
+    assert out.loss is not None and torch.isfinite(out.loss)
+    out.loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+        assert torch.isfinite(param.grad).all(), name
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_compact_and_dense_backends_agree():
+    torch.manual_seed(1)
+    ids, batch, _ = padded_batch()
+    compact = LHTEncoder(tiny_config()).eval()
+    dense_cfg = tiny_config(mlswa=dict(num_levels=3, window_size_per_level=[3, 1, 1],
+                                       layer_max_level=[0, 1, 2], backend="dense"))
+    dense = LHTEncoder(dense_cfg).eval()
+    dense.load_state_dict(compact.state_dict())
+    torch.testing.assert_close(compact(ids, batch).mlm_logits, dense(ids, batch).mlm_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_capture_returns_rotated_q_k_per_layer_only_on_request():
+    model = LHTEncoder(tiny_config()).eval()
+    ids, batch, _ = padded_batch()
+    assert model(ids, batch).captures == []
+    captures = model(ids, batch, capture=True).captures
+    assert [c.layer for c in captures] == [0, 1, 2]
+    assert [c.max_level for c in captures] == [0, 1, 2]
+    assert captures[0].q.shape == (2, 4, batch.seq_len, 8)
+
+
+def test_parameter_count_and_weight_tying():
+    model = LHTEncoder(tiny_config())
+    assert model.mlm_head.embedding.weight is model.token_embedding.weight
+    assert model.num_parameters() == sum(p.numel() for p in model.parameters())
+    assert model.flops_per_token(64) > 6 * model.num_parameters() * 0.5
+
+
+def test_rejects_too_long_sequence():
+    model = LHTEncoder(tiny_config(max_seq_len=8))
+    p = positions_from_lengths([[20]])
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, p.seq_len, dtype=torch.long), p)
