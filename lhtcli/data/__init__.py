@@ -1,0 +1,1 @@
+"""Corpora, tokenizer, MLM masking and batching (DESIGN.md section 7)."""

@@ -1,0 +1,198 @@
+"""The zero-setup corpus: Python's own documentation, shipped with every CPython.
+
+The language reference topics of ``pydoc_data.topics`` (one document per topic) and, optionally,
+the docstrings of a fixed list of pure-Python standard-library modules (one document per module).
+Only prose survives: code, grammar productions, doctests and tables are dropped, and a paragraph
+seen before anywhere in the corpus is not repeated.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+import warnings
+from functools import lru_cache
+from types import ModuleType
+
+from lhtcli.data.documents import Document, normalize_whitespace, split_sentences
+
+# Side-effect-free on import; itertools is C code whose members' docstrings are one-line signatures.
+DOCSTRING_MODULES = (
+    "json", "textwrap", "string", "collections", "functools", "itertools", "argparse", "pathlib",
+    "difflib", "heapq", "bisect", "csv", "calendar", "email.message", "http.client", "urllib.parse",
+    "logging", "unittest", "typing", "dataclasses", "enum", "fractions", "decimal", "statistics",
+    "random", "shutil", "tarfile", "zipfile", "zoneinfo", "ipaddress", "inspect", "pydoc",
+    "socketserver", "smtplib", "ftplib", "gettext", "locale", "optparse", "configparser", "pprint",
+    "numbers", "abc",
+)  # fmt: skip
+MODULE_DOC_ONLY = frozenset({"itertools"})
+
+_UNDERLINE = re.compile(r"^\s*([*=\-~^\"'#+`:.])\1{2,}\s*$")
+_TABLE_LINE = re.compile(r"^\s*(\+[-=+]+\+|\|.*\||=+( +=+)+)\s*$")
+_BULLET = re.compile(r"^(?:[*\-+•]|\d+\.|\(\d+\)|[a-z]\.)\s+")
+_CODE_LINE = re.compile(r"^\s*(>>>|\.\.\.(\s|$)|\$ |%|\{|\}|[\w.]+\(.*\)\s*$)")
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
+
+
+def _blocks(text: str) -> list[tuple[bool, list[str]]]:
+    """Blank-line separated blocks, with headings (a line underlined by ``***``/``===``/…) marked."""
+    lines = text.expandtabs(8).splitlines()
+    blocks: list[tuple[bool, list[str]]] = []
+    current: list[str] = []
+
+    def flush() -> None:
+        if current:
+            blocks.append((False, list(current)))
+            current.clear()
+
+    i = 0
+    while i < len(lines):
+        line = lines[i].rstrip()
+        nxt = lines[i + 1].rstrip() if i + 1 < len(lines) else ""
+        if line.strip() and not _UNDERLINE.match(line) and _UNDERLINE.match(nxt) and _indent(line) == 0:
+            flush()
+            blocks.append((True, [line.strip()]))
+            i += 2
+            continue
+        if not line.strip():
+            flush()
+        elif not _UNDERLINE.match(line):
+            current.append(line)
+        i += 1
+    flush()
+    return blocks
+
+
+def _is_prose(paragraph: str) -> bool:
+    words = paragraph.split()
+    if len(words) < 3:
+        return False
+    letters = sum(ch.isalpha() for ch in paragraph)
+    return letters >= 0.6 * len(paragraph.replace(" ", ""))
+
+
+Section = tuple[str | None, list[str]]  # (heading, prose paragraphs)
+
+
+def prose_sections(text: str) -> list[Section]:
+    """Sections of prose paragraphs from reST-like text; code, grammar and tables are dropped.
+
+    A block indented by 3 or more beyond the text of the prose before it is a literal (code) block,
+    which is how both the rendered topics and docstrings show examples.
+    """
+    sections: list[Section] = [(None, [])]
+    prose_indent = 0
+    for is_heading, lines in _blocks(text):
+        if is_heading:
+            sections.append((normalize_whitespace(lines[0]), []))
+            prose_indent = 0
+            continue
+        first = lines[0]
+        if _indent(first) >= prose_indent + 3:
+            continue
+        if any("::=" in ln for ln in lines) or _TABLE_LINE.match(first) or _CODE_LINE.match(first):
+            continue
+        kept = [ln for ln in lines if not _CODE_LINE.match(ln) and not _TABLE_LINE.match(ln)]
+        if not kept:
+            continue
+        # The text of a bullet continues at the indent of its second line.
+        prose_indent = _indent(kept[1]) if len(kept) > 1 else _indent(first)
+        paragraph = _BULLET.sub("", normalize_whitespace(" ".join(kept)))
+        if _is_prose(paragraph):
+            sections[-1][1].append(paragraph)
+    return [s for s in sections if s[1]]
+
+
+def _document(sections: list[Section], seen: set[str]) -> Document:
+    """Sentences per section, skipping paragraphs already seen; a section left with only its heading goes."""
+    document: Document = []
+    for heading, paragraphs in sections:
+        sentences: list[str] = []
+        for paragraph in paragraphs:
+            if paragraph in seen:
+                continue
+            seen.add(paragraph)
+            sentences.extend(split_sentences(paragraph))
+        if sentences:
+            document.append(([heading] if heading else []) + sentences)
+    return document
+
+
+def _topic_documents(seen: set[str]) -> list[Document]:
+    from pydoc_data.topics import topics
+
+    documents = []
+    for name in sorted(topics):
+        document = _document(prose_sections(topics[name]), seen)
+        if document:
+            documents.append(document)
+    return documents
+
+
+def _own_doc(obj: object) -> str:
+    """The object's own docstring, not one inherited from a base class (which would repeat)."""
+    doc = getattr(obj, "__doc__", None)
+    return inspect.cleandoc(doc) if isinstance(doc, str) else ""
+
+
+def _docstring_sections(module: ModuleType) -> list[tuple[str, str]]:
+    """(title, docstring) for the module, then its public classes (with methods) and functions."""
+    entries = [(module.__name__, _own_doc(module))]
+    if module.__name__ in MODULE_DOC_ONLY:
+        return entries
+    for name, obj in sorted(vars(module).items()):
+        # Public names re-exported from submodules (unittest.case.TestCase) belong to the package.
+        home = getattr(obj, "__module__", None) or ""
+        if name.startswith("_") or not (home == module.__name__ or home.startswith(module.__name__ + ".")):
+            continue
+        if inspect.isclass(obj):
+            parts = [_own_doc(obj)]
+            for attr, member in sorted(vars(obj).items()):
+                if attr.startswith("_") and attr != "__init__":
+                    continue
+                member = getattr(member, "__func__", member)
+                if inspect.isroutine(member) or isinstance(member, property):
+                    parts.append(_own_doc(member))
+            entries.append((name, "\n\n".join(p for p in parts if p)))
+        elif inspect.isroutine(obj):
+            entries.append((name, _own_doc(obj)))
+    return entries
+
+
+def _docstring_documents(seen: set[str]) -> list[Document]:
+    documents = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for module_name in DOCSTRING_MODULES:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:  # a trimmed-down Python may lack a module; the corpus just shrinks
+                continue
+            sections: list[Section] = []
+            for _title, doc in _docstring_sections(module):
+                # Headings inside docstrings ("Parameters") only add noise; one section per object.
+                paragraphs = [p for _heading, section in prose_sections(doc) for p in section]
+                if paragraphs:
+                    sections.append((None, paragraphs))
+            document = _document(sections, seen)
+            if document:
+                documents.append(document)
+    return documents
+
+
+@lru_cache(maxsize=2)
+def _builtin(include_docstrings: bool) -> tuple[tuple[tuple[str, ...], ...], ...]:
+    seen: set[str] = set()
+    documents = _topic_documents(seen)
+    if include_docstrings:
+        documents += _docstring_documents(seen)
+    return tuple(tuple(tuple(section) for section in doc) for doc in documents)
+
+
+def builtin_documents(include_docstrings: bool = True) -> list[Document]:
+    """The built-in corpus in a fixed order (a fresh copy each call: callers may modify it)."""
+    return [[list(section) for section in doc] for doc in _builtin(include_docstrings)]

@@ -1,0 +1,415 @@
+"""Reading hierarchical documents (DESIGN.md section 7).
+
+A ``Document`` is a list of sections, a section a list of sentence strings. Every reader yields
+documents lazily so that a corpus larger than memory can stream through training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from lhtcli.errors import DataError
+
+if TYPE_CHECKING:
+    from lhtcli.config import DataConfig
+
+Document = list[list[str]]
+
+SHAPE_HINT = 'expected a list of sections, each a list of sentence strings, e.g. [["One.", "Two."], ["Three."]]'
+SKIP_HINT = "fix the line or set data.skip_bad_records: true"
+TEXT_SUFFIXES = (".txt", ".md")
+
+
+@dataclass
+class BadRecordReport:
+    """Records skipped with ``data.skip_bad_records``: how many, and the first few reasons."""
+
+    count: int = 0
+    messages: list[str] = field(default_factory=list)
+    max_messages: int = 5
+
+    def add(self, message: str) -> None:
+        self.count += 1
+        if len(self.messages) < self.max_messages:
+            self.messages.append(message)
+
+    def summary(self) -> str:
+        if not self.count:
+            return "no bad records"
+        more = f" (first {len(self.messages)} shown)" if self.count > len(self.messages) else ""
+        return f"skipped {self.count} bad record(s){more}: " + "; ".join(self.messages)
+
+
+# ----------------------------------------------------------------------------- sentences
+
+# Lower-cased words ending in "." after which a capitalised word does not start a new sentence.
+ABBREVIATIONS = frozenset(
+    {
+        "e.g.", "i.e.", "etc.", "vs.", "cf.", "mr.", "mrs.", "ms.", "dr.", "prof.", "st.", "jr.", "sr.",
+        "no.", "fig.", "figs.", "eq.", "al.", "approx.", "inc.", "ltd.", "co.", "corp.", "dept.", "est.",
+        "vol.", "ch.", "sec.", "p.", "pp.", "u.s.", "u.k.", "a.m.", "p.m.", "resp.", "ca.", "viz.",
+    }
+)  # fmt: skip
+_BOUNDARY = re.compile(r"[.!?][\"')\]\u201d\u2019]*\s+(?=[\"'(\[\u201c\u2018]?[A-Z0-9])")
+_SPACES = re.compile(r"\s+")
+
+
+def normalize_whitespace(text: str) -> str:
+    return _SPACES.sub(" ", text).strip()
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split prose into sentences after ``. ! ?`` followed by whitespace and a capital, digit or quote."""
+    text = normalize_whitespace(text)
+    sentences: list[str] = []
+    start = 0
+    for match in _BOUNDARY.finditer(text):
+        space = text.rfind(" ", start, match.start())
+        word = text[space + 1 if space >= 0 else start : match.start() + 1]
+        # An initial such as "J. Smith" is not a sentence end either.
+        if word.lower() in ABBREVIATIONS or (len(word) == 2 and word[0].isupper() and word[1] == "."):
+            continue
+        sentence = text[start : match.end()].strip()
+        if sentence:
+            sentences.append(sentence)
+        start = match.end()
+    tail = text[start:].strip()
+    if tail:
+        sentences.append(tail)
+    return sentences
+
+
+# ----------------------------------------------------------------------------- shape validation
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return f"a number ({value!r})"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
+
+
+def _shape_problem(obj: Any) -> Document | str:
+    """The cleaned document, or a sentence saying what is wrong with its shape."""
+    if not isinstance(obj, list):
+        return f"the document is {_describe(obj)}; {SHAPE_HINT}"
+    document: Document = []
+    for i, section in enumerate(obj):
+        if not isinstance(section, list):
+            return f"section {i + 1} is {_describe(section)}, not a list of sentences; {SHAPE_HINT}"
+        sentences: list[str] = []
+        for j, sentence in enumerate(section):
+            if not isinstance(sentence, str):
+                return f"section {i + 1}, sentence {j + 1} is {_describe(sentence)}, not a string; {SHAPE_HINT}"
+            if sentence.strip():
+                sentences.append(sentence)
+        if sentences:
+            document.append(sentences)
+    if not document:
+        return "the document has no text (every section and sentence is empty)"
+    return document
+
+
+def parse_document(obj: Any, where: str, hint: str = "") -> Document:
+    """Validate a nested JSON value as a document; empty sentences and sections are dropped.
+
+    ``where`` names the source in the error (``"corpus.jsonl line 17"``); ``hint`` is appended to it.
+    """
+    result = _shape_problem(obj)
+    if isinstance(result, str):
+        raise DataError(f"{where}: {result}" + (f"; {hint}" if hint else ""))
+    return result
+
+
+# ----------------------------------------------------------------------------- JSONL
+
+
+def _parse_jsonl_line(raw: bytes, text_field: str, first: bool) -> Document | None | str:
+    """A document, ``None`` for a blank line, or a problem description."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"not valid UTF-8 (byte {exc.start}); save the file as UTF-8"
+    if first:
+        line = line.removeprefix("\ufeff")
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return f"invalid JSON ({exc.msg} at column {exc.colno})"
+    except RecursionError:
+        return "invalid JSON (nested too deeply)"
+    if not isinstance(obj, dict):
+        return f"expected a JSON object with a {text_field!r} field, got {_describe(obj)}"
+    if text_field not in obj:
+        keys = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
+        return f"no {text_field!r} field (keys: {keys}); set data.text_field to the field holding the text"
+    return _shape_problem(obj[text_field])
+
+
+def read_jsonl(
+    path: str | Path,
+    text_field: str = "text",
+    skip_bad_records: bool = False,
+    report: BadRecordReport | None = None,
+) -> Iterator[Document]:
+    """Documents of a JSONL file, one JSON object per line, read line by line."""
+    path = Path(path)
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}") from None
+    with handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path} line {number}"
+            result = _parse_jsonl_line(raw, text_field, number == 1)
+            if result is None:
+                continue
+            if isinstance(result, str):
+                if not skip_bad_records:
+                    raise DataError(f"{where}: {result}; {SKIP_HINT}")
+                if report is not None:
+                    report.add(f"{where}: {result}")
+                continue
+            yield result
+
+
+# ----------------------------------------------------------------------------- plain text and Markdown
+
+_ATX_HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
+_SETEXT_UNDERLINE = re.compile(r"^ {0,3}(=+|-+)\s*$")
+_FENCE = re.compile(r"^ {0,3}(```|~~~)")
+_LIST_MARKER = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+")
+_TABLE_RULE = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$")
+
+
+def parse_text(text: str, markdown: bool = False) -> Document:
+    """Sections from Markdown headings (``markdown=True``) or, without headings, blank-line blocks.
+
+    A heading's text opens its section as a sentence; fenced code blocks are skipped.
+    """
+    # Each entry: (starts a heading section, paragraph text).
+    paragraphs: list[tuple[bool, str]] = []
+    block: list[str] = []
+    in_fence = False
+
+    def flush() -> None:
+        if block:
+            paragraphs.append((False, " ".join(block)))
+            block.clear()
+
+    for line in text.splitlines():
+        if markdown and _FENCE.match(line):
+            flush()
+            in_fence = not in_fence
+            continue
+        if in_fence:
+            continue
+        if not line.strip():
+            flush()
+            continue
+        if markdown:
+            heading = _ATX_HEADING.match(line)
+            if heading:
+                flush()
+                paragraphs.append((True, heading.group(2)))
+                continue
+            if _SETEXT_UNDERLINE.match(line) and len(block) == 1:
+                paragraphs.append((True, block.pop()))
+                continue
+            # Table rows and rules carry no sentences.
+            if line.lstrip().startswith("|") or _TABLE_RULE.match(line) or _SETEXT_UNDERLINE.match(line):
+                continue
+            line = _LIST_MARKER.sub("", line)
+        block.append(line.strip())
+    flush()
+
+    has_headings = any(is_heading for is_heading, _ in paragraphs)
+    document: Document = []
+    for is_heading, paragraph in paragraphs:
+        sentences = split_sentences(paragraph)
+        if not sentences:
+            continue
+        if not document or is_heading or not has_headings:
+            document.append([])
+        document[-1].extend(sentences)
+    return [section for section in document if section]
+
+
+def _read_text_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not valid UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def text_files(folder: str | Path) -> list[Path]:
+    """The .txt/.md files under ``folder`` (recursive), in a stable sorted order."""
+    folder = Path(folder)
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES and p.is_file())
+
+
+def read_text_folder(path: str | Path) -> Iterator[Document]:
+    """One document per .txt/.md file under ``path``; files without text are skipped."""
+    for file in text_files(path):
+        document = parse_text(_read_text_file(file), markdown=file.suffix.lower() == ".md")
+        if document:
+            yield document
+
+
+# ----------------------------------------------------------------------------- single documents and corpora
+
+DOCUMENT_FILE_HINT = 'give a .json file holding [["sentence", ...], ...] or {"text": [[...]]}, or a .txt/.md file'
+
+
+def load_document_file(path: str | Path) -> Document:
+    """The document of ``--document FILE``: .json (nested list or object with "text"), .jsonl, .txt, .md."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"document file not found: {path}; {DOCUMENT_FILE_HINT}")
+    if path.is_dir():
+        raise DataError(f"--document expects a file, got the directory {path}; {DOCUMENT_FILE_HINT}")
+    suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        document = parse_text(_read_text_file(path), markdown=suffix == ".md")
+        if not document:
+            raise DataError(f"{path} has no text; {DOCUMENT_FILE_HINT}")
+        return document
+    if suffix == ".jsonl":
+        for document in read_jsonl(path):
+            return document
+        raise DataError(f"{path} has no records; {DOCUMENT_FILE_HINT}")
+    if suffix != ".json":
+        raise DataError(f"unsupported document file type {path.suffix or '(none)'!r}: {path}; {DOCUMENT_FILE_HINT}")
+    text = _read_text_file(path)
+    if not text.strip():
+        raise DataError(f"{path} is empty; {DOCUMENT_FILE_HINT}")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); {DOCUMENT_FILE_HINT}") from None
+    except RecursionError:
+        raise DataError(f"{path} is not valid JSON (nested too deeply); {DOCUMENT_FILE_HINT}") from None
+    if isinstance(obj, dict):
+        if "text" not in obj:
+            raise DataError(f'{path}: the JSON object has no "text" field; {DOCUMENT_FILE_HINT}')
+        obj = obj["text"]
+    return parse_document(obj, str(path))
+
+
+def iter_corpus(data_cfg: DataConfig, report: BadRecordReport | None = None) -> Iterator[Document]:
+    """The documents named by ``data.path``: ``builtin``, a .jsonl file or a folder of .txt/.md files.
+
+    The path is checked now; the documents are read lazily.
+    """
+    if data_cfg.path == "builtin":
+        from lhtcli.data.builtin_corpus import builtin_documents
+
+        return iter(builtin_documents(include_docstrings=data_cfg.builtin_docstrings))
+    path = Path(data_cfg.path).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"data.path {data_cfg.path!r} does not exist; give a .jsonl file, a folder of .txt/.md files or 'builtin'"
+        )
+    if path.is_dir():
+        if not text_files(path):
+            raise DataError(f"data.path {data_cfg.path!r} is a folder without .txt or .md files")
+        return read_text_folder(path)
+    if path.suffix.lower() == ".jsonl":
+        return read_jsonl(path, data_cfg.text_field, data_cfg.skip_bad_records, report)
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        return iter([d for d in [parse_text(_read_text_file(path), path.suffix.lower() == ".md")] if d])
+    raise DataError(
+        f"data.path {data_cfg.path!r} is neither a .jsonl file nor a folder; give a .jsonl file, "
+        "a folder of .txt/.md files or 'builtin'"
+    )
+
+
+# ----------------------------------------------------------------------------- train/validation split
+
+
+def _digest(document: Document) -> bytes:
+    encoded = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return hashlib.blake2b(encoded, digest_size=16).digest()
+
+
+def _score(digest: bytes, seed: int) -> float:
+    """A uniform number in [0, 1) fixed by the seed and the document's content."""
+    mixed = hashlib.blake2b(digest, digest_size=8, key=str(seed).encode()).digest()
+    return int.from_bytes(mixed, "big") / 2**64
+
+
+def split_documents(
+    documents: Iterable[Document],
+    validation_fraction: float,
+    seed: int,
+    part: Literal["train", "validation"],
+) -> Iterator[Document]:
+    """One side of a deterministic split by document, decided while streaming.
+
+    A document is held out when a hash of the seed and its content falls below
+    ``validation_fraction``, so identical documents always land on the same side. With a non-zero
+    fraction and at least two documents, the first document is always held out, so validation is
+    never empty; a one-document corpus is all training.
+    """
+    want_validation = part == "validation"
+    if validation_fraction <= 0:
+        if not want_validation:
+            yield from documents
+        return
+    iterator = iter(documents)
+    first = next(iterator, None)
+    if first is None:
+        return
+    second = next(iterator, None)
+    if second is None:
+        if not want_validation:
+            yield first
+        return
+    if want_validation:
+        yield first
+    first_digest = _digest(first)
+
+    def rest() -> Iterator[Document]:
+        yield second
+        yield from iterator
+
+    for document in rest():
+        digest = _digest(document)
+        held_out = digest == first_digest or _score(digest, seed) < validation_fraction
+        if held_out == want_validation:
+            yield document
+
+
+def split_by_document(
+    documents_factory: Callable[[], Iterable[Document]],
+    validation_fraction: float,
+    seed: int,
+) -> tuple[Callable[[], Iterator[Document]], Callable[[], Iterator[Document]]]:
+    """Re-iterable (training, validation) document sources over the same corpus; they never overlap."""
+
+    def train() -> Iterator[Document]:
+        return split_documents(documents_factory(), validation_fraction, seed, "train")
+
+    def validation() -> Iterator[Document]:
+        return split_documents(documents_factory(), validation_fraction, seed, "validation")
+
+    return train, validation
