@@ -178,11 +178,22 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     path = [p for p in key.strip().split(".") if p]
     if not path:
         raise ConfigError(f"--set {item!r}: the key is empty")
+    return path, _parse_value(raw)
+
+
+def _parse_value(raw: str) -> Any:
+    """A command-line or environment value: YAML for null, lists and mappings; numbers and booleans
+    stay text so that string keys keep them verbatim (``--set experiment_name=007``) while pydantic
+    still converts them for numeric and boolean keys."""
+    if not raw.strip():
+        return ""
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.safe_load(raw)
     except yaml.YAMLError:
-        value = raw
-    return path, value
+        return raw
+    if isinstance(value, bool | int | float):
+        return raw.strip()
+    return value
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -195,19 +206,21 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _env_data() -> dict[str, Any]:
-    """LHT_* variables as nested dict, so that they merge under --set and above the file."""
+def _env_data(sources: dict[str, str] | None = None) -> dict[str, Any]:
+    """LHT_* variables as nested dict, so that they merge under --set and above the file.
+
+    ``sources`` (if given) receives ``dotted.key -> "environment variable LHT_..."`` for error messages.
+    """
     data: dict[str, Any] = {}
-    for name, raw in os.environ.items():
+    for name, raw in sorted(os.environ.items()):
         if not name.startswith("LHT_") or name in ("LHT_DEBUG",) or name.startswith("_LHT_"):
             continue
         path = [p.lower() for p in name[len("LHT_") :].split("__") if p]
         if not path:
             continue
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+        if sources is not None:
+            sources[".".join(path)] = f"environment variable {name}"
+        value = _parse_value(raw)
         node = data
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -237,17 +250,27 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def format_validation_error(exc: ValidationError, origin: str) -> str:
+def _source_of(path: str, sources: dict[str, str]) -> str:
+    """Where the value at ``path`` came from, when an override (env or --set) set it (or a key below it)."""
+    for key, where in sources.items():
+        if key == path or path.startswith(key + "."):
+            return f" [from {where}]"
+    inside = [where for key, where in sources.items() if key.startswith(path + ".")]
+    return f" [overridden in this section by: {', '.join(inside)}]" if inside else ""
+
+
+def format_validation_error(exc: ValidationError, origin: str, sources: dict[str, str] | None = None) -> str:
     lines = [f"invalid configuration ({origin}):"]
     for err in exc.errors():
         path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        where = _source_of(path, sources or {}) if err["loc"] else ""
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {path}: unknown key (check the spelling; see configs/*.yaml for every key)")
+            lines.append(f"  {path}: unknown key (check the spelling; see configs/*.yaml for every key){where}")
             continue
         value = err.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"  {path}: {message}{shown}")
+        lines.append(f"  {path}: {message}{shown}{where}")
     return "\n".join(lines)
 
 
@@ -262,9 +285,11 @@ def load_config(
     if path is not None:
         data = _deep_merge(data, read_yaml(Path(path)))
         origin = str(path)
-    data = _deep_merge(data, _env_data())
+    sources: dict[str, str] = {}
+    data = _deep_merge(data, _env_data(sources))
     for item in overrides or []:
         keys, value = _parse_override(item)
+        sources[".".join(keys)] = f"--set {item}"
         node: dict[str, Any] = {}
         leaf = node
         for key in keys[:-1]:
@@ -276,7 +301,7 @@ def load_config(
         # settings class must not read them a second time.
         return LHTConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, origin)) from exc
+        raise ConfigError(format_validation_error(exc, origin, sources)) from exc
 
 
 def default_config_path() -> Path:
