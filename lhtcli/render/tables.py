@@ -1,0 +1,217 @@
+"""Rich tables of the diagnostics: entropy, gradients, MLM predictions, hierarchical positions."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from lhtcli.core.positions import HierarchicalPositions
+    from lhtcli.diagnostics.attention_stats import EntropyReport, EntropyStats
+    from lhtcli.diagnostics.gradients import GradientReport
+    from lhtcli.diagnostics.predictions import Prediction
+
+FOCUSED_STYLE = "bold red"
+DIFFUSE_STYLE = "bold yellow"
+VANISHING_STYLE = "bold red"
+EXPLODING_STYLE = "bold dark_orange"
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def _flagged(value: float) -> Text:
+    from lhtcli.diagnostics.attention_stats import entropy_flag
+
+    flag = entropy_flag(value)
+    if flag == "focused":
+        return Text(f"{_num(value)} ▼", style=FOCUSED_STYLE)
+    if flag == "diffuse":
+        return Text(f"{_num(value)} ▲", style=DIFFUSE_STYLE)
+    return Text(_num(value))
+
+
+def entropy_legend() -> Text:
+    from lhtcli.diagnostics.attention_stats import DIFFUSE_ABOVE, FOCUSED_BELOW
+
+    legend = Text("entropy in nats over real queries; ")
+    legend.append(f"▼ < {FOCUSED_BELOW:g} focused (possible collapse)", style=FOCUSED_STYLE)
+    legend.append(", ")
+    legend.append(f"▲ > {DIFFUSE_ABOVE:g} diffuse", style=DIFFUSE_STYLE)
+    legend.append(
+        "; 1.5-2.5 typical. norm = entropy / log(#allowed keys), rows with one key excluded; "
+        "level columns = share of attention through the pairs each level adds"
+    )
+    return legend
+
+
+def _entropy_cells(stats: EntropyStats, num_levels: int) -> list[Text | str]:
+    cells: list[Text | str] = [
+        _flagged(stats.mean),
+        _num(stats.std),
+        _num(stats.min),
+        _num(stats.max),
+        _num(stats.normalized_mean),
+    ]
+    cells += [f"{100 * m:.1f}%" for m in stats.level_mass[:num_levels]]
+    return cells
+
+
+def entropy_table(report: EntropyReport, per_head: bool = False, title: str | None = None) -> Table:
+    """Layer rows (or layer x head rows with ``per_head``): mean, std, min, max, normalised mean and
+    per-level mass; flagged means are coloured, with the legend as the caption."""
+    from lhtcli.diagnostics.attention_stats import level_name
+
+    table = Table(title=title or "Attention entropy", caption=entropy_legend(), caption_justify="left")
+    table.add_column("Layer", justify="right")
+    if per_head:
+        table.add_column("Head", justify="right")
+    table.add_column("Levels", justify="right")
+    for name in ("Mean", "Std", "Min", "Max", "Norm mean"):
+        table.add_column(name, justify="right")
+    for level in range(report.num_levels):
+        table.add_column(f"{level_name(level)} mass", justify="right")
+    for layer in report.layers:
+        levels = f"≤ {layer.max_level}"
+        if per_head:
+            for h, stats in enumerate(layer.heads):
+                table.add_row(
+                    str(layer.layer),
+                    str(h),
+                    levels,
+                    *_entropy_cells(stats, report.num_levels),
+                    end_section=h == len(layer.heads) - 1,
+                )
+        else:
+            table.add_row(str(layer.layer), levels, *_entropy_cells(layer.stats, report.num_levels))
+    lead = ["all", ""] if per_head else ["all"]
+    table.add_row(*lead, "", *_entropy_cells(report.overall, report.num_levels), style="bold")
+    return table
+
+
+def gradient_table(report: GradientReport, per_parameter: bool = False, title: str | None = None) -> Table:
+    """Gradient L2 norms per layer and block (or per parameter); problems named in red/orange."""
+    from lhtcli.diagnostics.gradients import EXPLODING_ABOVE, VANISHING_BELOW
+
+    total = _num(report.total_norm, 4) if math.isfinite(report.total_norm) else str(report.total_norm)
+    health = "[green]healthy[/green]" if report.healthy else "[bold red]unhealthy[/bold red]"
+    caption = (
+        f"total gradient norm {total} ({health}); vanishing < {VANISHING_BELOW:g} [bold red]red[/bold red], "
+        f"exploding > {EXPLODING_ABOVE:g} [bold dark_orange]orange[/bold dark_orange]"
+    )
+    table = Table(title=title or "Gradient norms", caption=caption, caption_justify="left")
+    table.add_column("Layer", justify="right")
+    table.add_column("Block")
+    if per_parameter:
+        table.add_column("Parameter")
+    table.add_column("L2 norm", justify="right")
+    table.add_column("Status")
+    style_of = {
+        "vanishing": VANISHING_STYLE,
+        "exploding": EXPLODING_STYLE,
+        "nonfinite": VANISHING_STYLE,
+        "missing": VANISHING_STYLE,
+    }
+    label_of = {
+        "vanishing": "vanishing",
+        "exploding": "exploding",
+        "nonfinite": "NaN/Inf",
+        "missing": "no gradient",
+    }
+    if per_parameter:
+        for p in report.params:
+            status = p.status
+            norm = "–" if p.norm is None else (f"{p.norm:.3e}" if math.isfinite(p.norm) else str(p.norm))
+            cell = (
+                Text("ok", style="green")
+                if status == "ok"
+                else Text(label_of[status], style=style_of[status])
+            )
+            table.add_row("" if p.layer is None else str(p.layer), p.kind, p.name, norm, cell)
+        return table
+    statuses = {p.name: p.status for p in report.params}
+    for group in report.groups():
+        if not group.problems:
+            cell = Text("ok", style="green")
+        else:
+            cell = Text()
+            for i, name in enumerate(group.problems):
+                status = statuses[name]
+                if i:
+                    cell.append("\n")
+                cell.append(f"{label_of[status]}: {name}", style=style_of[status])
+        norm_style = ""
+        if group.norm > EXPLODING_ABOVE:
+            norm_style = EXPLODING_STYLE
+        elif group.norm < VANISHING_BELOW:
+            norm_style = VANISHING_STYLE
+        layer = "" if group.layer is None else str(group.layer)
+        table.add_row(layer, group.kind, Text(f"{group.norm:.3e}", style=norm_style), cell)
+    return table
+
+
+def prediction_table(predictions: Sequence[Prediction], title: str | None = None) -> Table:
+    """Columns ``Sample, Position, Original, Masked, Top-5 Predictions, Correct``."""
+    from lhtcli.diagnostics.predictions import PREDICTION_COLUMNS
+
+    table = Table(title=title or "MLM predictions at masked positions")
+    for name in PREDICTION_COLUMNS:
+        justify = "right" if name in ("Sample", "Position") else ("center" if name == "Correct" else "left")
+        table.add_column(name, justify=justify, overflow="fold")
+    for p in predictions:
+        row: list[str | Text] = list(p.row())
+        row[-1] = Text(row[-1], style="green" if p.correct else "red")
+        table.add_row(*row)
+    return table
+
+
+def positions_table(
+    positions: HierarchicalPositions,
+    tokens: Sequence[str] | None = None,
+    *,
+    sample: int = 0,
+    max_tokens: int = 40,
+    title: str | None = None,
+) -> Table:
+    """One row per token: its enumeration per level; sentence starts bold, section starts highlighted."""
+    one = positions.batched()[sample]
+    enums = [e.tolist() for e in one.level_enums]
+    length = min(sum(1 for v in enums[0] if v), max_tokens)
+    names = ["tokens (level 0)", "sentences (level 1)", "sections (level 2)"]
+    table = Table(
+        title=title or "Hierarchical position vectors",
+        caption="level l > 0 is the ordinal at the first token of each sentence/section, 0 elsewhere; "
+        "[DOC] is global at the top level",
+        caption_justify="left",
+    )
+    table.add_column("#", justify="right")
+    table.add_column("Token")
+    for level in range(len(enums)):
+        table.add_column(names[level] if level < len(names) else f"level {level}", justify="right")
+    for i in range(length):
+        token = str(tokens[i]) if tokens is not None and i < len(tokens) else ""
+        section_start = len(enums) > 2 and enums[2][i] != 0
+        sentence_start = len(enums) > 1 and enums[1][i] != 0
+        style = "bold black on bright_yellow" if section_start else ("bold" if sentence_start else "")
+        if i == 0 and one.has_doc_token:
+            style = "bold magenta"
+        cells = [str(i), token]
+        for level, values in enumerate(enums):
+            value = values[i]
+            cells.append(
+                "*" if level == len(enums) - 1 and level > 0 and i == 0 and one.has_doc_token else str(value)
+            )
+        table.add_row(*cells, style=style)
+    if length < sum(1 for v in enums[0] if v):
+        table.add_row("…", f"({sum(1 for v in enums[0] if v) - length} more tokens)", *[""] * len(enums))
+    return table
+
+
+__all__ = ["entropy_legend", "entropy_table", "gradient_table", "positions_table", "prediction_table"]
