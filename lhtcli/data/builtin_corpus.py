@@ -8,25 +8,27 @@ seen before anywhere in the corpus is not repeated.
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import inspect
 import re
 import warnings
 from functools import lru_cache
-from types import ModuleType
+from pathlib import Path
+from typing import TypeGuard
 
 from lhtcli.data.documents import Document, normalize_whitespace, split_sentences
 
-# Side-effect-free on import; itertools is C code whose members' docstrings are one-line signatures.
+# Read from source, not imported (itertools, written in C, is the exception: its module docstring).
 DOCSTRING_MODULES = (
     "json", "textwrap", "string", "collections", "functools", "itertools", "argparse", "pathlib",
     "difflib", "heapq", "bisect", "csv", "calendar", "email.message", "http.client", "urllib.parse",
-    "logging", "unittest", "typing", "dataclasses", "enum", "fractions", "decimal", "statistics",
+    "logging", "unittest", "unittest.case", "typing", "dataclasses", "enum", "fractions", "decimal", "statistics",
     "random", "shutil", "tarfile", "zipfile", "zoneinfo", "ipaddress", "inspect", "pydoc",
     "socketserver", "smtplib", "ftplib", "gettext", "locale", "optparse", "configparser", "pprint",
     "numbers", "abc",
 )  # fmt: skip
-MODULE_DOC_ONLY = frozenset({"itertools"})
 
 _UNDERLINE = re.compile(r"^\s*([*=\-~^\"'#+`:.])\1{2,}\s*$")
 _TABLE_LINE = re.compile(r"^\s*(\+[-=+]+\+|\|.*\||=+( +=+)+)\s*$")
@@ -71,7 +73,7 @@ def _is_prose(paragraph: str) -> bool:
     words = paragraph.split()
     if len(words) < 3:
         return False
-    letters = sum(ch.isalpha() for ch in paragraph)
+    letters = sum(map(str.isalpha, paragraph))
     return letters >= 0.6 * len(paragraph.replace(" ", ""))
 
 
@@ -133,54 +135,71 @@ def _topic_documents(seen: set[str]) -> list[Document]:
     return documents
 
 
-def _own_doc(obj: object) -> str:
-    """The object's own docstring, not one inherited from a base class (which would repeat)."""
-    doc = getattr(obj, "__doc__", None)
-    return inspect.cleandoc(doc) if isinstance(doc, str) else ""
+def _module_source(name: str) -> str | None:
+    """The module's source text, found without importing it; None for modules written in C."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    origin = spec.origin if spec else None
+    if not origin or not origin.endswith(".py"):
+        return None
+    try:
+        return Path(origin).read_text(encoding="utf-8")
+    except OSError:
+        return None
 
 
-def _docstring_sections(module: ModuleType) -> list[tuple[str, str]]:
-    """(title, docstring) for the module, then its public classes (with methods) and functions."""
-    entries = [(module.__name__, _own_doc(module))]
-    if module.__name__ in MODULE_DOC_ONLY:
-        return entries
-    for name, obj in sorted(vars(module).items()):
-        # Public names re-exported from submodules (unittest.case.TestCase) belong to the package.
-        home = getattr(obj, "__module__", None) or ""
-        if name.startswith("_") or not (home == module.__name__ or home.startswith(module.__name__ + ".")):
-            continue
-        if inspect.isclass(obj):
-            parts = [_own_doc(obj)]
-            for attr, member in sorted(vars(obj).items()):
-                if attr.startswith("_") and attr != "__init__":
-                    continue
-                member = getattr(member, "__func__", member)
-                if inspect.isroutine(member) or isinstance(member, property):
-                    parts.append(_own_doc(member))
-            entries.append((name, "\n\n".join(p for p in parts if p)))
-        elif inspect.isroutine(obj):
-            entries.append((name, _own_doc(obj)))
-    return entries
+def _docstring_sections(name: str) -> list[str]:
+    """Docstrings of the module, then of each public class (with its methods) and function, in source order.
+
+    They are read from the source with ``ast`` rather than from imported objects: importing runs
+    code, and other libraries monkeypatch stdlib functions (torch replaces ``inspect.getfile``), so
+    what an import shows depends on what else was imported; the source does not.
+    """
+    source = _module_source(name)
+    if source is None:
+        # A C module (itertools) only contributes its module docstring, which no import changes.
+        try:
+            doc = importlib.import_module(name).__doc__
+        except ImportError:  # a trimmed-down Python may lack a module; the corpus just shrinks
+            return []
+        return [inspect.cleandoc(doc)] if isinstance(doc, str) else []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. SyntaxWarning for an odd escape: the corpus prints nothing
+            tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    entries = [ast.get_docstring(tree) or ""]
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            parts = [ast.get_docstring(node) or ""]
+            for member in node.body:
+                if _is_def(member) and (not member.name.startswith("_") or member.name == "__init__"):
+                    parts.append(ast.get_docstring(member) or "")
+            entries.append("\n\n".join(p for p in parts if p))
+        elif _is_def(node) and not node.name.startswith("_"):
+            entries.append(ast.get_docstring(node) or "")
+    return [e for e in entries if e]
+
+
+def _is_def(node: ast.AST) -> TypeGuard[ast.FunctionDef | ast.AsyncFunctionDef]:
+    return isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
 
 
 def _docstring_documents(seen: set[str]) -> list[Document]:
     documents = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for module_name in DOCSTRING_MODULES:
-            try:
-                module = importlib.import_module(module_name)
-            except ImportError:  # a trimmed-down Python may lack a module; the corpus just shrinks
-                continue
-            sections: list[Section] = []
-            for _title, doc in _docstring_sections(module):
-                # Headings inside docstrings ("Parameters") only add noise; one section per object.
-                paragraphs = [p for _heading, section in prose_sections(doc) for p in section]
-                if paragraphs:
-                    sections.append((None, paragraphs))
-            document = _document(sections, seen)
-            if document:
-                documents.append(document)
+    for module_name in DOCSTRING_MODULES:
+        sections: list[Section] = []
+        for doc in _docstring_sections(module_name):
+            # Headings inside docstrings ("Parameters") only add noise; one section per object.
+            paragraphs = [p for _heading, section in prose_sections(doc) for p in section]
+            if paragraphs:
+                sections.append((None, paragraphs))
+        document = _document(sections, seen)
+        if document:
+            documents.append(document)
     return documents
 
 
