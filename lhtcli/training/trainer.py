@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lhtcli.training.data_setup import DataBundle, prepare_data
 from rich.console import Console
 
 from lhtcli.config import LHTConfig
@@ -26,6 +25,7 @@ from lhtcli.training.checkpoint import (
     resolve_resume_path,
     save_checkpoint,
 )
+from lhtcli.training.data_setup import DataBundle, prepare_data
 from lhtcli.training.metrics import MetricsFile, evaluate, peak_memory_mb
 from lhtcli.training.progress import TrainingDisplay
 from lhtcli.training.schedule import make_scheduler
