@@ -242,7 +242,6 @@ def run_training(cfg: LHTConfig, resume: str | None = None, quiet: bool = False,
                             f"stopping. The last good checkpoint is in {ckpt_dir}. Lower "
                             "training.learning_rate or check the data."
                         )
-                    scheduler.step()
                     continue
                 if scaler:
                     scaler.unscale_(optimizer)
@@ -259,7 +258,6 @@ def run_training(cfg: LHTConfig, resume: str | None = None, quiet: bool = False,
                         )
                     if scaler:
                         scaler.update()
-                    scheduler.step()
                     continue
                 bad_steps = 0
                 if scaler:
