@@ -1,0 +1,271 @@
+"""Exactness of every ML-SWA attention backend against a float64 dense reference (DESIGN.md section 3).
+
+The reference is the plain masked softmax (``dense_attention``) over the dense mask definition
+(``mlswa_dense_mask`` / ``pair_level_map``); every backend must give the same outputs and gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from lhtcli.core.attention import (
+    MLSWAContext,
+    build_mlswa_plan,
+    compact_attention,
+    dense_attention,
+    mlswa_attention,
+)
+from lhtcli.core.mask import DOC_LINK, MASKED, mlswa_dense_mask, pair_level_map
+from lhtcli.core.positions import HierarchicalPositions, positions_from_lengths
+
+HEADS, DIM = 2, 8
+
+
+# ----------------------------------------------------------------------------------------------
+# documents and references
+# ----------------------------------------------------------------------------------------------
+def random_doc(rng: random.Random, sections: int, sentences: tuple[int, int], length: tuple[int, int]):
+    """Sections -> sentence lengths; ~10% empty sentences and ~10% one-token sentences."""
+    doc = []
+    for _ in range(sections):
+        section = []
+        for _ in range(rng.randint(*sentences)):
+            roll = rng.random()
+            section.append(0 if roll < 0.1 else 1 if roll < 0.2 else rng.randint(*length))
+        doc.append(section)
+    return doc
+
+
+def make_positions(seed: int, batch: int = 1, doc_token: bool = True, sections=(1, 6), sentences=(1, 6),
+                   length=(1, 9), pad: int = 0) -> HierarchicalPositions:
+    rng = random.Random(seed)
+    items = []
+    for _ in range(batch):
+        doc = random_doc(rng, rng.randint(*sections), sentences, length)
+        if not any(any(s) for s in doc):
+            doc = [[3]]
+        items.append(positions_from_lengths(doc, doc_token=doc_token))
+    longest = max(p.seq_len for p in items)
+    return HierarchicalPositions.batch(items, pad_to=longest + pad)
+
+
+def make_qkv(positions: HierarchicalPositions, dtype=torch.float64, seed: int = 0, heads: int = HEADS,
+             dim: int = DIM, scale: float = 2.0):
+    """Head-major [B, H, N, D] tensors; ``scale`` makes the softmax peaky enough to notice wrong keys."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (positions.batch_size, heads, positions.seq_len, dim)
+    return [(torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype) for _ in range(3)]
+
+
+def reference(q, k, v, positions, windows, max_level):
+    """float64 dense (out, lse) from the mask definition."""
+    mask = mlswa_dense_mask(positions, windows, max_level)
+    return dense_attention(q.double(), k.double(), v.double(), mask)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp(min=1e-30)).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# backends under test: name -> fn(q, k, v, positions, windows, max_level) -> out [B, H, N, D]
+# ----------------------------------------------------------------------------------------------
+def _explicit(q, k, v, positions, windows, max_level):
+    return compact_attention(q, k, v, build_mlswa_plan(positions, windows, max_level)).out
+
+
+def _via_mlswa_attention(backend):
+    def run(q, k, v, positions, windows, max_level):
+        out = mlswa_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), positions, windows, max_level, backend=backend
+        )
+        return out.transpose(1, 2)
+
+    return run
+
+
+def _via_context(backend):
+    def run(q, k, v, positions, windows, max_level):
+        return MLSWAContext(positions, windows, backend).attend(q, k, v, max_level)
+
+    return run
+
+
+BACKENDS = {
+    "explicit": _explicit,
+    "compact": _via_mlswa_attention("compact"),
+    "dense": _via_mlswa_attention("dense"),
+    "context-auto": _via_context("auto"),
+    "context-compact": _via_context("compact"),
+}
+
+# (name, windows, positions kwargs)
+SHAPES = [
+    ("realistic", [6, 2, 1], dict(sections=(2, 6), sentences=(2, 6), length=(1, 9))),
+    ("single-section", [5, 2, 1], dict(sections=(1, 1), sentences=(3, 12), length=(1, 7))),
+    ("many-sections", [3, 1, 1], dict(sections=(12, 20), sentences=(1, 2), length=(1, 4))),
+    ("tiny-windows-0", [0, 0, 0], dict(sections=(3, 8), sentences=(1, 5), length=(1, 6))),
+    ("tiny-windows-1", [1, 1, 0], dict(sections=(3, 8), sentences=(1, 5), length=(1, 6))),
+    ("windows-beyond-n", [500, 200, 100], dict(sections=(2, 5), sentences=(1, 5), length=(1, 8))),
+    ("one-token-sentences", [2, 3, 1], dict(sections=(2, 6), sentences=(2, 8), length=(1, 1))),
+]
+
+
+def _cases():
+    for name, windows, kwargs in SHAPES:
+        for max_level in range(len(windows)):
+            yield pytest.param(name, windows, kwargs, max_level, id=f"{name}-L{max_level}")
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize(("name", "windows", "kwargs", "max_level"), list(_cases()))
+def test_backend_matches_dense_float64(backend, name, windows, kwargs, max_level):
+    seed = sum(map(ord, name)) + 31 * max_level
+    for batch, doc_token, pad in ((1, True, 0), (3, True, 4), (2, False, 2)):
+        positions = make_positions(seed + batch, batch=batch, doc_token=doc_token, pad=pad, **kwargs)
+        q, k, v = make_qkv(positions, seed=seed)
+        want, _ = reference(q, k, v, positions, windows, max_level)
+        got = BACKENDS[backend](q, k, v, positions, windows, max_level)
+        assert got.shape == want.shape
+        assert relative_error(got, want) < 1e-12, (backend, batch, doc_token)
+        assert torch.all(got.transpose(1, 2)[~positions.real_mask] == 0)
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_float32_within_1e5_of_float64(backend):
+    positions = make_positions(11, batch=2, pad=5, sections=(4, 8), sentences=(3, 8), length=(3, 20))
+    windows = [16, 3, 1]
+    q, k, v = make_qkv(positions, seed=3, dim=16, scale=1.0)
+    want, _ = reference(q, k, v, positions, windows, 2)
+    got = BACKENDS[backend](q.float(), k.float(), v.float(), positions, windows, 2)
+    assert got.dtype == torch.float32
+    assert relative_error(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_gradients_match_dense_and_padding_is_clean(backend):
+    windows = [4, 1, 1]
+    positions = make_positions(5, batch=3, pad=3, sections=(3, 7), sentences=(1, 5), length=(1, 6))
+    q, k, v = (t.requires_grad_(True) for t in make_qkv(positions, seed=9))
+    gen = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    for max_level in range(3):
+        want, _ = reference(q, k, v, positions, windows, max_level)
+        want_grads = torch.autograd.grad((want * grad_out).sum(), (q, k, v))
+        got = BACKENDS[backend](q, k, v, positions, windows, max_level)
+        got_grads = torch.autograd.grad((got * grad_out).sum(), (q, k, v))
+        padding = ~positions.real_mask
+        assert torch.all(got.detach().transpose(1, 2)[padding] == 0)
+        for got_g, want_g in zip(got_grads, want_grads, strict=True):
+            assert torch.isfinite(got_g).all()
+            assert relative_error(got_g, want_g) < 1e-11, (backend, max_level)
+            assert torch.all(got_g.transpose(1, 2)[padding] == 0)
+
+
+# name -> fn(q, k, v, plan) for gradcheck (the plan is built once, outside the checked function)
+GRADCHECK_BACKENDS = {
+    "explicit": lambda q, k, v, plan: compact_attention(q, k, v, plan).out,
+}
+
+
+@pytest.mark.parametrize("backend", sorted(GRADCHECK_BACKENDS))
+@pytest.mark.parametrize("max_level", [0, 2])
+def test_gradcheck(backend, max_level):
+    positions = make_positions(2, batch=2, pad=2, sections=(2, 3), sentences=(1, 2), length=(1, 3))
+    plan = build_mlswa_plan(positions, [1, 1, 0], max_level)
+    q, k, v = (t.requires_grad_(True) for t in make_qkv(positions, seed=4, heads=1, dim=2, scale=1.0))
+    fn = GRADCHECK_BACKENDS[backend]
+    assert torch.autograd.gradcheck(lambda a, b, c: fn(a, b, c, plan), (q, k, v))
+
+
+# ----------------------------------------------------------------------------------------------
+# lse and per-level lse of the explicit path
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("doc_token", [True, False])
+@pytest.mark.parametrize("max_level", [0, 1, 2])
+def test_lse_and_level_lse_match_pair_level_map(doc_token, max_level):
+    windows = [3, 1, 1]
+    positions = make_positions(21, batch=3, doc_token=doc_token, pad=3, sections=(3, 9), sentences=(1, 5))
+    q, k, v = make_qkv(positions, seed=6)
+    result = compact_attention(q, k, v, build_mlswa_plan(positions, windows, max_level), collect_levels=True)
+    levels = pair_level_map(positions, windows, max_level).long()  # [B, N, N]
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(DIM)
+    lse = torch.logsumexp(scores.masked_fill((levels == MASKED)[:, None], -math.inf), -1)
+    assert torch.allclose(result.lse, lse, rtol=0, atol=1e-12)
+    assert result.lse.dtype == torch.float64
+    top = len(windows) - 1
+    codes = torch.where(levels == DOC_LINK, torch.full_like(levels, top), levels)
+    assert len(result.level_lse) == max_level + 1
+    for level, got in enumerate(result.level_lse):
+        want = torch.logsumexp(scores.masked_fill((codes != level)[:, None], -math.inf), -1)
+        assert torch.allclose(got, want, rtol=0, atol=1e-12), level
+    padding = ~positions.real_mask
+    assert torch.all(result.lse.transpose(1, 2)[padding] == -math.inf)
+
+
+def test_float32_lse_close_to_float64():
+    windows = [8, 2, 1]
+    positions = make_positions(8, batch=2, pad=2, sections=(3, 6), sentences=(2, 6), length=(2, 10))
+    q, k, v = make_qkv(positions, seed=2, dim=16, scale=1.0)
+    plan = build_mlswa_plan(positions, windows, 2)
+    r64 = compact_attention(q, k, v, plan, collect_levels=True)
+    r32 = compact_attention(q.float(), k.float(), v.float(), plan, collect_levels=True)
+    real = positions.real_mask[:, None].expand_as(r64.lse)
+    assert torch.allclose(r32.lse[real].double(), r64.lse[real], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# [DOC] rule
+# ----------------------------------------------------------------------------------------------
+def test_doc_reaches_sections_beyond_the_window():
+    """[DOC] links with every section start in the top layer, also beyond window + 1 sections."""
+    windows = [2, 1, 1]
+    doc = [[3, 2] for _ in range(8)]  # 8 sections of 2 sentences
+    positions = positions_from_lengths(doc)
+    last_section = int(torch.nonzero(positions.level_enums[2] == 8)[0])
+    mask = mlswa_dense_mask(positions, windows, 2)[0]
+    assert mask[0, last_section] and mask[last_section, 0]
+    assert not mlswa_dense_mask(positions, windows, 1)[0][0, last_section]  # only when the top level is active
+    q, k, v = make_qkv(positions.batched(), seed=12, scale=3.0)
+    want, _ = reference(q, k, v, positions, windows, 2)
+    for backend in sorted(BACKENDS):
+        got = BACKENDS[backend](q, k, v, positions, windows, 2)
+        assert relative_error(got, want) < 1e-12, backend
+    # and the link matters: removing it changes [DOC]'s output
+    cut = mask.clone()
+    cut[0, last_section] = False
+    alt, _ = dense_attention(q, k, v, cut[None])
+    assert relative_error(alt[:, :, :1], want[:, :, :1]) > 1e-6
+
+
+def test_context_caches_plans_per_max_level():
+    positions = make_positions(3, batch=2, pad=1)
+    context = MLSWAContext(positions, [4, 1, 1], "compact")
+    assert context.prepared(1) is context.prepared(1)
+    assert context.prepared(1) is not context.prepared(2)
+
+
+def test_unknown_backend_is_rejected():
+    positions = make_positions(3)
+    q, k, v = make_qkv(positions)
+    with pytest.raises(ValueError, match="backend"):
+        mlswa_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), positions, [2, 1, 1], backend="nope")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["compact", "dense", "auto"])
+def test_cuda_backends_match_cpu_reference(backend):
+    windows = [16, 4, 2]
+    positions = make_positions(17, batch=2, pad=7, sections=(4, 8), sentences=(3, 8), length=(3, 20))
+    q, k, v = make_qkv(positions, dtype=torch.float32, seed=1, dim=64, scale=1.0)
+    want, _ = reference(q, k, v, positions, windows, 2)
+    dev = [t.cuda().requires_grad_(True) for t in (q, k, v)]
+    got = MLSWAContext(positions.to("cuda"), windows, backend).attend(*dev, 2)
+    got.sum().backward()
+    assert relative_error(got.cpu(), want) < 1e-4
+    assert all(torch.isfinite(t.grad).all() for t in dev)
