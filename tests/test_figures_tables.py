@@ -277,7 +277,7 @@ def test_entropy_table_figure_and_positions_table(setup, tmp_path):
     console.print(positions_table(positions, [f"t{i}" for i in range(60)], max_tokens=12))
     text = console.export_text()
     assert "0.500 ▼" in text and "focused (possible collapse)" in text and "diffuse" in text
-    assert "Head" in text and "sentences mass" in text
+    assert "Head" in text and "sent %" in text
     assert "Hierarchical position vectors" in text and "more tokens" in text
     assert "layer 1: mean attention entropy 0.500 nats, focused (possible collapse)" in report.warnings()
     assert_png(save_figure(entropy_figure(report), tmp_path / "entropy.png"))

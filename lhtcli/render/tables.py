@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 FOCUSED_STYLE = "bold red"
 DIFFUSE_STYLE = "bold yellow"
 VANISHING_STYLE = "bold red"
+SHORT_LEVELS = ("tok", "sent", "sec")
 EXPLODING_STYLE = "bold dark_orange"
 
 
@@ -46,8 +47,8 @@ def entropy_legend() -> Text:
     legend.append(", ")
     legend.append(f"▲ > {DIFFUSE_ABOVE:g} diffuse", style=DIFFUSE_STYLE)
     legend.append(
-        "; 1.5-2.5 typical. norm = entropy / log(#allowed keys), rows with one key excluded; "
-        "level columns = share of attention through the pairs each level adds"
+        "; 1.5-2.5 typical. Norm = entropy / log(#allowed keys) (rows with one key excluded); "
+        "tok/sent/sec % = share of attention through the token-window, sentence and section ([DOC]) links"
     )
     return legend
 
@@ -73,11 +74,12 @@ def entropy_table(report: EntropyReport, per_head: bool = False, title: str | No
     table.add_column("Layer", justify="right")
     if per_head:
         table.add_column("Head", justify="right")
-    table.add_column("Levels", justify="right")
-    for name in ("Mean", "Std", "Min", "Max", "Norm mean"):
-        table.add_column(name, justify="right")
+    table.add_column("Lvl", justify="right")
+    for name in ("Mean", "Std", "Min", "Max", "Norm"):
+        table.add_column(name, justify="right", no_wrap=True)
     for level in range(report.num_levels):
-        table.add_column(f"{level_name(level)} mass", justify="right")
+        label = SHORT_LEVELS[level] if level < len(SHORT_LEVELS) else level_name(level)
+        table.add_column(f"{label} %", justify="right", no_wrap=True)
     for layer in report.layers:
         levels = f"≤ {layer.max_level}"
         if per_head:
@@ -184,7 +186,7 @@ def positions_table(
     one = positions.batched()[sample]
     enums = [e.tolist() for e in one.level_enums]
     length = min(sum(1 for v in enums[0] if v), max_tokens)
-    names = ["tokens (level 0)", "sentences (level 1)", "sections (level 2)"]
+    names = ["L0 tokens", "L1 sentences", "L2 sections"]
     table = Table(
         title=title or "Hierarchical position vectors",
         caption="level l > 0 is the ordinal at the first token of each sentence/section, 0 elsewhere; "
