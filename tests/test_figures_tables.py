@@ -281,3 +281,25 @@ def test_entropy_table_figure_and_positions_table(setup, tmp_path):
     assert "Hierarchical position vectors" in text and "more tokens" in text
     assert "layer 1: mean attention entropy 0.500 nats, focused (possible collapse)" in report.warnings()
     assert_png(save_figure(entropy_figure(report), tmp_path / "entropy.png"))
+
+
+def test_figures_work_with_wandb_image():
+    """W&B's Image(figure) looks up matplotlib.pyplot; our figures never import it themselves,
+    so check in a fresh process where nothing else has."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("wandb")
+    code = (
+        "import sys, wandb\n"
+        "from lhtcli.diagnostics.gradients import report_from_norms\n"
+        "from lhtcli.render.figures import close_figure, gradient_flow_figure\n"
+        "fig = gradient_flow_figure(report_from_norms({'blocks.0.attn.qkv.weight': 0.1}))\n"
+        "image = wandb.Image(fig)\n"
+        "close_figure(fig)\n"
+        "import matplotlib.pyplot as plt\n"
+        "assert image.image.size[0] > 100 and plt.get_fignums() == []\n"
+        "assert plt.get_backend().lower() == 'agg'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -29,8 +29,25 @@ SECTION_LINE = {"color": "#d7301f", "linewidth": 1.4, "linestyle": "-", "alpha":
 GRAD_COLORS = {"ok": "#1f77b4", "vanishing": "#d62728", "exploding": "#ff7f0e"}
 
 
+def _ensure_pyplot() -> None:
+    """Import pyplot on the Agg backend unless the process already chose one.
+
+    Our figures never go through pyplot, but W&B's ``wandb.Image(figure)`` looks up
+    ``matplotlib.pyplot`` and fails when it has not been imported.
+    """
+    import sys
+
+    if "matplotlib.pyplot" in sys.modules:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+
+
 def new_figure(width: float, height: float) -> Figure:
     """A figure on an Agg canvas (no pyplot state, safe in threads and headless runs)."""
+    _ensure_pyplot()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
