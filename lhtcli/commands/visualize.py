@@ -164,4 +164,4 @@ def visualize(
     if log_to is not None:
         where = loaded.config.run_dir() if log_to.value == "tensorboard" else "W&B"
         console.print(f"[green]✓[/green] logged to {log_to.value} ({where}) at step {loaded.step}")
-    console.print(entropy_table(report, title="Attention entropy of this sequence"))
+    console.print(entropy_table(report, title="Attention entropy of this batch"))
