@@ -17,6 +17,8 @@ examples:
   lht train --set training.num_steps=200 --time-limit 2
   lht train -c configs/pretrain_hierarchical.yaml --set data.path=corpus.jsonl --set data.tokenizer=train
   lht train --resume auto
+  lht train --nproc 2 --set training.grad_accum_steps=1
+  torchrun --nproc_per_node 4 -m lhtcli train -c configs/pretrain_hierarchical.yaml
 """
 
 CONFIG_SHOW_EPILOG = """\
@@ -60,6 +62,14 @@ def train(
             show_default=False,
         ),
     ] = None,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            "--nproc",
+            min=1,
+            help="Train on this many local processes (launches torchrun: DDP, gloo on CPU, nccl on CUDA).",
+        ),
+    ] = 1,
 ) -> None:
     """Pretrain an ML-SWA encoder with masked-language modelling.
 
@@ -74,6 +84,15 @@ def train(
             "(pass a .ckpt written by lht train, or 'auto' for the experiment's last.ckpt)"
         )
     cfg = resolve_config(config, set_, device, {"training.time_limit_minutes": time_limit})
+    if nproc > 1:
+        import os
+        import sys
+
+        if "WORLD_SIZE" in os.environ:
+            raise ConfigError("--nproc cannot be used inside torchrun; torchrun already sets the process count")
+        from lhtcli.training.distributed import launch
+
+        raise typer.Exit(launch(nproc, _without_nproc(sys.argv[1:])))
     try:
         from lhtcli.training.trainer import run_training
     except ImportError as exc:
@@ -83,6 +102,19 @@ def train(
             "lht train is not implemented yet: the training loop (lhtcli.training.trainer) has not landed"
         ) from exc
     run_training(cfg, resume=resume, quiet=quiet)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line minus --nproc (each launched process is one rank)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
 
 
 config_app = typer.Typer(

@@ -37,7 +37,7 @@ class DataBundle:
 
 
 def _load_tokenizer(cfg: LHTConfig, train_docs: Callable, tokenizer_json: str | None,
-                    console: Console) -> LHTTokenizer:
+                    console: Console, write_files: bool) -> LHTTokenizer:
     if tokenizer_json is not None:
         return LHTTokenizer.from_json_str(tokenizer_json, source="checkpoint")
     if cfg.data.tokenizer != "train":
@@ -45,13 +45,18 @@ def _load_tokenizer(cfg: LHTConfig, train_docs: Callable, tokenizer_json: str | 
     cache = cfg.run_dir() / "tokenizer.json"
     with console.status("training a WordPiece tokenizer on the training split"):
         tokenizer = LHTTokenizer.train(train_docs(), cfg.data.tokenizer_vocab_size)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(cache)
+    if write_files:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(cache)
     return tokenizer
 
 
-def prepare_data(cfg: LHTConfig, tokenizer_json: str | None = None, console: Console | None = None) -> DataBundle:
-    """Split the corpus by document, build (or restore) the tokenizer, the stream and validation batches."""
+def prepare_data(cfg: LHTConfig, tokenizer_json: str | None = None, console: Console | None = None,
+                 write_files: bool = True) -> DataBundle:
+    """Split the corpus by document, build (or restore) the tokenizer, the stream and validation batches.
+
+    ``write_files`` is False on every rank but 0 of a distributed run (one writer per run directory).
+    """
     console = console or Console(quiet=True)
     report = BadRecordReport() if cfg.data.skip_bad_records else None
 
@@ -59,7 +64,7 @@ def prepare_data(cfg: LHTConfig, tokenizer_json: str | None = None, console: Con
         return iter_corpus(cfg.data, report)
 
     train_docs, val_docs = split_by_document(corpus, cfg.data.validation_fraction, cfg.seed)
-    tokenizer = _load_tokenizer(cfg, train_docs, tokenizer_json, console)
+    tokenizer = _load_tokenizer(cfg, train_docs, tokenizer_json, console, write_files)
     tcfg, max_len = cfg.training, cfg.model.max_seq_len
     stream = MLMBatchStream(
         train_docs, tokenizer, max_len, tcfg.batch_size, tcfg.mlm_probability, cfg.seed, cfg.data.shuffle_buffer

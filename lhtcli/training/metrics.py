@@ -14,10 +14,11 @@ import torch
 
 
 @torch.no_grad()
-def evaluate(model, batches: Sequence[Any], device: torch.device, autocast: Callable[[], Any]) -> dict[str, float]:
-    """Masked-token loss, accuracy and perplexity over fixed validation batches (eval mode, restored after)."""
-    if not batches:
-        return {}
+def evaluate_sums(model, batches: Sequence[Any], device: torch.device, autocast: Callable[[], Any]) -> list[float]:
+    """[loss sum, correct, masked count] over validation batches (eval mode, restored after).
+
+    Sums rather than means so that ranks of a distributed run can add theirs up exactly.
+    """
     was_training = model.training
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
@@ -36,10 +37,16 @@ def evaluate(model, batches: Sequence[Any], device: torch.device, autocast: Call
             count += int(targets.numel())
     finally:
         model.train(was_training)
+    return [loss_sum, float(correct), float(count)]
+
+
+def metrics_from_sums(loss_sum: float, correct: float, count: float) -> dict[str, float]:
+    """Masked-token loss, accuracy and perplexity; empty when nothing was masked."""
     if count == 0:
         return {}
     loss = loss_sum / count
-    return {"loss": loss, "accuracy": correct / count, "perplexity": math.exp(min(loss, 50.0)), "masked_tokens": count}
+    return {"loss": loss, "accuracy": correct / count, "perplexity": math.exp(min(loss, 50.0)),
+            "masked_tokens": count}
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -34,7 +34,8 @@ class TrainingDisplay:
         self.console = console
         self.quiet = quiet
 
-    def startup(self, cfg, model, data, device, logger_names: list[str], start_step: int) -> None:
+    def startup(self, cfg, model, data, device, logger_names: list[str], start_step: int,
+                world_size: int = 1) -> None:
         if self.quiet:
             return
         n_params = model.num_parameters()
@@ -46,8 +47,11 @@ class TrainingDisplay:
                       f"d_model {mcfg.d_model}, {mcfg.n_heads} heads, d_ff {mcfg.d_ff}")
         table.add_row("ML-SWA", f"windows {mcfg.mlswa.window_size_per_level} (tokens, sentences, sections), "
                       f"layer max level {model.cfg.max_levels()}, backend {mcfg.mlswa.backend}")
-        table.add_row("sequence", f"{mcfg.max_seq_len} tokens, batch {cfg.training.batch_size} x "
-                      f"{cfg.training.grad_accum_steps} accumulation")
+        tcfg = cfg.training
+        global_batch = tcfg.batch_size * world_size * tcfg.grad_accum_steps
+        table.add_row("batch", f"{global_batch} sequences of up to {mcfg.max_seq_len} tokens per step = "
+                      f"{tcfg.batch_size} per rank x {world_size} rank{'s' if world_size > 1 else ''} x "
+                      f"{tcfg.grad_accum_steps} accumulation")
         table.add_row("data", data.describe())
         table.add_row("device", f"{device} ({'fp32' if device.type == 'cpu' else cfg.training.mixed_precision})")
         table.add_row("steps", f"{start_step} -> {cfg.training.num_steps}"

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from lhtcli.config import LHTConfig
 from lhtcli.errors import CheckpointError, ConfigError, LHTError
-from lhtcli.loggers import create_logger
+from lhtcli.loggers import FanOutLogger, create_logger
 from lhtcli.model import LHTEncoder
 from lhtcli.training.checkpoint import (
     Checkpoint,
@@ -26,7 +26,8 @@ from lhtcli.training.checkpoint import (
     save_checkpoint,
 )
 from lhtcli.training.data_setup import DataBundle, prepare_data
-from lhtcli.training.metrics import MetricsFile, evaluate, peak_memory_mb
+from lhtcli.training.distributed import ShardedStream, init_distributed, shard
+from lhtcli.training.metrics import MetricsFile, evaluate_sums, metrics_from_sums, peak_memory_mb
 from lhtcli.training.progress import TrainingDisplay
 from lhtcli.training.schedule import make_scheduler
 
@@ -154,176 +155,230 @@ def _make_visualizer(cfg: LHTConfig, data: DataBundle, logger, console: Console)
     return TrainingVisualizer(cfg, data.tokenizer, logger, console)
 
 
+class Trainer:
+    """One training run. Rank 0 alone logs, prints and writes checkpoints; every rank computes."""
+
+    def __init__(self, cfg: LHTConfig, resume: str | None, quiet: bool, console: Console | None) -> None:
+        self.cfg, self.tcfg = cfg, cfg.training
+        device = resolve_device(cfg.device)
+        self.dist = init_distributed(device)
+        self.device = self.dist.device(device)
+        self.quiet = quiet or not self.dist.is_main
+        self.console = console if console is not None and self.dist.is_main else Console(quiet=self.quiet)
+        ckpt = _load_resume(cfg, resume)
+        seed_everything(cfg.seed)
+        self.data = prepare_data(cfg, tokenizer_json=ckpt.tokenizer_json if ckpt else None,
+                                 console=self.console, write_files=self.dist.is_main)
+        self.stream = ShardedStream(self.data.train_stream, self.dist)
+        self.val_batches = shard(self.data.val_batches, self.dist)
+        self.model = build_model(cfg, self.data.tokenizer.vocab_size).to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.optimizer_groups(self.tcfg.weight_decay), lr=self.tcfg.learning_rate, betas=(0.9, 0.98),
+            eps=1e-6,
+        )
+        self.scheduler = make_scheduler(self.optimizer, self.tcfg)
+        self.start_step = 0
+        if ckpt is not None:
+            self._restore(ckpt)
+        if self.start_step >= self.tcfg.num_steps:
+            raise ConfigError(
+                f"the checkpoint is already at step {self.start_step} and training.num_steps is "
+                f"{self.tcfg.num_steps}: raise training.num_steps to train further"
+            )
+        self.forward_model = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward_model = DistributedDataParallel(self.model, device_ids=ids)
+        self.run_dir, self.ckpt_dir = cfg.run_dir(), cfg.checkpoint_dir()
+        self.logger = create_logger(cfg, on_warning=self.warn) if self.dist.is_main else FanOutLogger([])
+        self.metrics_file = MetricsFile(self.run_dir / "metrics.jsonl", self.start_step) if self.dist.is_main else None
+        self.visualizer = _make_visualizer(cfg, self.data, self.logger, self.console) if self.dist.is_main else None
+        use_scaler = self.device.type == "cuda" and self.tcfg.mixed_precision == "fp16"
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+
+    def warn(self, message: str) -> None:
+        self.console.print(f"[yellow]⚠ {message}[/yellow]")
+
+    def _restore(self, ckpt: Checkpoint) -> None:
+        check_model_compatible(ckpt, self.model)
+        self.model.load_state_dict(ckpt.model_state)
+        if ckpt.optimizer_state:
+            self.optimizer.load_state_dict(ckpt.optimizer_state)
+        if ckpt.scheduler_state:
+            self.scheduler.load_state_dict(ckpt.scheduler_state)
+        if ckpt.data_state:
+            self.stream.load_state_dict(ckpt.data_state)
+        restore_rng(ckpt.rng_state)
+        self.start_step = ckpt.step
+
+    def autocast(self):
+        return autocast_for(self.device, self.tcfg.mixed_precision)
+
+    def snapshot(self, step: int, metrics: dict[str, Any]) -> Path | None:
+        if not self.dist.is_main:
+            return None
+        state = Checkpoint(
+            step=step, config=self.cfg.model_copy(update={"model": self.model.cfg}),
+            model_state=self.model.state_dict(), tokenizer_json=self.data.tokenizer.to_json_str(),
+            optimizer_state=self.optimizer.state_dict(), scheduler_state=self.scheduler.state_dict(),
+            rng_state=rng_state(), data_state=self.stream.state_dict(), metrics=metrics,
+        )
+        return save_checkpoint(state, self.ckpt_dir, keep=self.tcfg.keep_checkpoints)
+
+    def accumulate(self) -> tuple[float, int, Any]:
+        """Forward/backward over the accumulation micro-batches; gradients sync only on the last one."""
+        loss_sum, tokens, batch = 0.0, 0, None
+        accum = self.tcfg.grad_accum_steps
+        for micro in range(accum):
+            batch = next(self.stream).to(self.device)
+            sync = micro == accum - 1 or not self.dist.enabled
+            with nullcontext() if sync else self.forward_model.no_sync():
+                with self.autocast():
+                    out = self.forward_model(batch.input_ids, batch.positions, labels=batch.labels)
+                    loss = out.loss / accum
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_sum += float(loss.detach())
+            tokens += batch.num_tokens
+        return loss_sum, tokens, batch
+
+    def validate(self) -> dict[str, float]:
+        sums = evaluate_sums(self.model, self.val_batches, self.device, self.autocast)
+        return metrics_from_sums(*self.dist.sum(sums, self.device))
+
+    def _skip(self, step: int, what: str, value: float, bad_steps: int) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler:
+            self.scaler.update()
+        self.warn(f"step {step}: {what} is {value}; skipping this update ({bad_steps} in a row)")
+        if bad_steps >= self.tcfg.max_bad_steps:
+            raise TrainingStopped(
+                f"{bad_steps} consecutive steps had a NaN/Inf {what} (last at step {step}); stopping. "
+                f"The last good checkpoint is in {self.ckpt_dir}. Lower training.learning_rate or check the data."
+            )
+
+    def _log_visuals(self, step: int, batch: Any, grad_norms: Any) -> None:
+        try:
+            self.visualizer.log(step, self.model, batch, grad_norms)
+        except Exception as exc:  # noqa: BLE001 - a diagnostic must never end a long run
+            self.warn(f"visualisation at step {step} failed ({type(exc).__name__}: {exc}); training continues")
+
+    def run(self) -> TrainingSummary:
+        tcfg, display = self.tcfg, TrainingDisplay(self.console, self.quiet)
+        display.startup(self.cfg, self.model, self.data, self.device, self.logger.names, self.start_step,
+                        world_size=self.dist.world_size)
+        if self.visualizer is not None:
+            self.console.print(self.visualizer.start_message())
+        self.logger.log_config(self.cfg.to_dict())
+        summary = TrainingSummary(steps=self.start_step, train_loss=None)
+        best_val, bad_steps, last_saved = math.inf, 0, self.start_step
+        started = window_start = time.perf_counter()
+        window_tokens = tokens_total = 0
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        step = self.start_step
+        try:
+            with _StopRequest() as stop, display.progress(self.start_step, tcfg.num_steps) as progress:
+                while step < tcfg.num_steps:
+                    self.model.train()
+                    step_start = time.perf_counter()
+                    loss_sum, step_tokens, batch = self.accumulate()
+                    step += 1
+                    out_of_time = tcfg.time_limit_minutes is not None and (
+                        time.perf_counter() - started > 60 * tcfg.time_limit_minutes)
+                    # One collective per step keeps every rank's decisions (skip, stop) identical.
+                    loss_sum, step_tokens, out_of_time, stopping = self.dist.sum(
+                        [loss_sum, step_tokens, float(out_of_time), float(stop.signum is not None)], self.device)
+                    loss_sum /= self.dist.world_size
+                    if not math.isfinite(loss_sum):
+                        bad_steps += 1
+                        self._skip(step, "loss", loss_sum, bad_steps)
+                        continue
+                    if self.scaler:
+                        self.scaler.unscale_(self.optimizer)
+                    viz_due = self.visualizer is not None and self.visualizer.due(step)
+                    grad_norms = self.visualizer.gradient_norms(self.model) if viz_due else None
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm))
+                    if not math.isfinite(grad_norm):
+                        bad_steps += 1
+                        self._skip(step, "gradient norm", grad_norm, bad_steps)
+                        continue
+                    bad_steps = 0
+                    if self.scaler:
+                        self.scaler.step(self.optimizer)
+                        self.scaler.update()
+                    else:
+                        self.optimizer.step()
+                    lr = self.scheduler.get_last_lr()[0]
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    window_tokens += int(step_tokens)
+                    tokens_total += int(step_tokens)
+                    summary.train_loss, summary.steps = loss_sum, step
+
+                    if step % tcfg.log_every == 0 or step == tcfg.num_steps:
+                        elapsed = max(time.perf_counter() - window_start, 1e-9)
+                        scalars = {
+                            "train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm,
+                            "train/tokens_per_second": window_tokens / elapsed,
+                            "train/seconds_per_step": time.perf_counter() - step_start,
+                            "train/peak_memory_mb": peak_memory_mb(self.device),
+                        }
+                        self._record(scalars, step)
+                        window_tokens, window_start = 0, time.perf_counter()
+                    progress.update(step, loss_sum, lr, tokens_total / max(time.perf_counter() - started, 1e-9))
+                    if viz_due:
+                        self._log_visuals(step, batch, grad_norms)
+
+                    final = step == tcfg.num_steps
+                    if step % tcfg.eval_every == 0 or final or out_of_time:
+                        val = self.validate()
+                        if val:
+                            self._record({f"val/{k}": v for k, v in val.items()}, step)
+                            summary.val = val
+                            progress.note(f"step {step}: val loss {val['loss']:.3f}, "
+                                          f"accuracy {val['accuracy']:.1%}")
+                            if val["loss"] < best_val:
+                                best_val = val["loss"]
+                                summary.best_checkpoint = self.ckpt_dir / f"checkpoint-{step}.ckpt"
+                    if step % tcfg.save_every == 0 or final or out_of_time or stopping:
+                        summary.last_checkpoint = self.snapshot(step, {"train_loss": loss_sum, **summary.val})
+                        last_saved = step
+                    if stopping:
+                        raise Interrupted(stop.signum or signal.SIGTERM, summary.last_checkpoint)
+                    if out_of_time:
+                        summary.stopped = f"time limit ({tcfg.time_limit_minutes:g} min) reached at step {step}"
+                        break
+        except KeyboardInterrupt:
+            path = self.snapshot(step, {"train_loss": summary.train_loss}) if step > last_saved else None
+            self.close()
+            raise Interrupted(signal.SIGINT, path or summary.last_checkpoint) from None
+        except BaseException:
+            self.close()
+            raise
+        if summary.best_checkpoint is not None and not summary.best_checkpoint.exists():
+            summary.best_checkpoint = summary.last_checkpoint
+        summary.tokens_per_second = tokens_total / max(time.perf_counter() - started, 1e-9)
+        if self.dist.is_main and summary.val:
+            summary.baselines = self.data.baselines()
+            self.logger.log_scalars({f"val/baseline_{k}_accuracy": v for k, v in summary.baselines.items()},
+                                    summary.steps)
+        self.dist.barrier()
+        self.close()
+        display.summary(summary, self.run_dir, self.ckpt_dir)
+        return summary
+
+    def _record(self, values: dict[str, float], step: int) -> None:
+        self.logger.log_scalars(values, step)
+        if self.metrics_file is not None:
+            self.metrics_file.write(step, values)
+
+    def close(self) -> None:
+        self.logger.close()
+        self.dist.close()
+
+
 def run_training(cfg: LHTConfig, resume: str | None = None, quiet: bool = False,
                  console: Console | None = None) -> TrainingSummary:
-    """Train ``cfg`` from scratch or from a checkpoint; returns the end-of-run summary."""
-    console = console or Console(quiet=quiet)
-    device = resolve_device(cfg.device)
-    ckpt = _load_resume(cfg, resume)
-    seed_everything(cfg.seed)
-    data = prepare_data(cfg, tokenizer_json=ckpt.tokenizer_json if ckpt else None, console=console)
-    model = build_model(cfg, data.tokenizer.vocab_size).to(device)
-    tcfg = cfg.training
-    optimizer = torch.optim.AdamW(
-        model.optimizer_groups(tcfg.weight_decay), lr=tcfg.learning_rate, betas=(0.9, 0.98), eps=1e-6
-    )
-    scheduler = make_scheduler(optimizer, tcfg)
-    start_step = 0
-    if ckpt is not None:
-        check_model_compatible(ckpt, model)
-        model.load_state_dict(ckpt.model_state)
-        if ckpt.optimizer_state:
-            optimizer.load_state_dict(ckpt.optimizer_state)
-        if ckpt.scheduler_state:
-            scheduler.load_state_dict(ckpt.scheduler_state)
-        if ckpt.data_state:
-            data.train_stream.load_state_dict(ckpt.data_state)
-        restore_rng(ckpt.rng_state)
-        start_step = ckpt.step
-    if start_step >= tcfg.num_steps:
-        raise ConfigError(
-            f"the checkpoint is already at step {start_step} and training.num_steps is {tcfg.num_steps}: "
-            "raise training.num_steps to train further"
-        )
-
-    run_dir, ckpt_dir = cfg.run_dir(), cfg.checkpoint_dir()
-    warn = (lambda msg: console.print(f"[yellow]⚠ {msg}[/yellow]")) if not quiet else (lambda msg: None)
-    logger = create_logger(cfg, on_warning=warn)
-    logger.log_config(cfg.to_dict())
-    metrics_file = MetricsFile(run_dir / "metrics.jsonl", truncate_after=start_step)
-    visualizer = _make_visualizer(cfg, data, logger, console)
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and tcfg.mixed_precision == "fp16" else None
-
-    display = TrainingDisplay(console, quiet)
-    display.startup(cfg, model, data, device, logger.names, start_step)
-    if visualizer is not None:
-        console.print(visualizer.start_message())
-
-    def snapshot(step: int, metrics: dict[str, Any]) -> Path:
-        state = Checkpoint(
-            step=step, config=cfg.model_copy(update={"model": model.cfg}), model_state=model.state_dict(),
-            tokenizer_json=data.tokenizer.to_json_str(), optimizer_state=optimizer.state_dict(),
-            scheduler_state=scheduler.state_dict(), rng_state=rng_state(),
-            data_state=data.train_stream.state_dict(), metrics=metrics,
-        )
-        return save_checkpoint(state, ckpt_dir, keep=tcfg.keep_checkpoints)
-
-    summary = TrainingSummary(steps=start_step, train_loss=None)
-    best_val = math.inf
-    bad_steps = 0
-    last_saved_step = start_step
-    started = time.perf_counter()
-    window_tokens, window_start = 0, time.perf_counter()
-    tokens_total = 0
-    params = [p for p in model.parameters() if p.requires_grad]
-    step = start_step
-    try:
-        with _StopRequest() as stop, display.progress(start_step, tcfg.num_steps) as progress:
-            while step < tcfg.num_steps:
-                model.train()
-                step_start = time.perf_counter()
-                loss_sum, step_tokens = 0.0, 0
-                for _ in range(tcfg.grad_accum_steps):
-                    batch = next(data.train_stream).to(device)
-                    with autocast_for(device, tcfg.mixed_precision):
-                        out = model(batch.input_ids, batch.positions, labels=batch.labels)
-                    loss = out.loss / tcfg.grad_accum_steps
-                    (scaler.scale(loss) if scaler else loss).backward()
-                    loss_sum += float(loss.detach())
-                    step_tokens += batch.num_tokens
-                step += 1
-                if not math.isfinite(loss_sum):
-                    bad_steps += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    warn(f"step {step}: loss is {loss_sum}; skipping this update ({bad_steps} in a row)")
-                    if bad_steps >= tcfg.max_bad_steps:
-                        raise TrainingStopped(
-                            f"{bad_steps} consecutive steps had a NaN/Inf loss (last at step {step}); "
-                            f"stopping. The last good checkpoint is in {ckpt_dir}. Lower "
-                            "training.learning_rate or check the data."
-                        )
-                    continue
-                if scaler:
-                    scaler.unscale_(optimizer)
-                viz_due = visualizer is not None and visualizer.due(step)
-                grad_norms = visualizer.gradient_norms(model) if viz_due else None
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm))
-                if not math.isfinite(grad_norm):
-                    bad_steps += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    warn(f"step {step}: gradient norm is {grad_norm}; skipping this update ({bad_steps} in a row)")
-                    if bad_steps >= tcfg.max_bad_steps:
-                        raise TrainingStopped(
-                            f"{bad_steps} consecutive steps had NaN/Inf gradients (last at step {step}); stopping"
-                        )
-                    if scaler:
-                        scaler.update()
-                    continue
-                bad_steps = 0
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                lr = scheduler.get_last_lr()[0]
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step_seconds = time.perf_counter() - step_start
-                window_tokens += step_tokens
-                tokens_total += step_tokens
-                summary.train_loss = loss_sum
-                summary.steps = step
-
-                if step % tcfg.log_every == 0 or step == tcfg.num_steps:
-                    elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    scalars = {
-                        "train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm,
-                        "train/tokens_per_second": window_tokens / elapsed, "train/seconds_per_step": step_seconds,
-                        "train/peak_memory_mb": peak_memory_mb(device),
-                    }
-                    logger.log_scalars(scalars, step)
-                    metrics_file.write(step, scalars)
-                    window_tokens, window_start = 0, time.perf_counter()
-                progress.update(step, loss_sum, lr, tokens_total / max(time.perf_counter() - started, 1e-9))
-
-                if viz_due:
-                    visualizer.log(step, model, batch, grad_norms)
-
-                final = step == tcfg.num_steps
-                out_of_time = tcfg.time_limit_minutes is not None and (
-                    time.perf_counter() - started > 60 * tcfg.time_limit_minutes
-                )
-                if step % tcfg.eval_every == 0 or final or out_of_time:
-                    val = evaluate(model, data.val_batches, device, lambda: autocast_for(device, tcfg.mixed_precision))
-                    if val:
-                        logger.log_scalars({f"val/{k}": v for k, v in val.items()}, step)
-                        metrics_file.write(step, {f"val/{k}": v for k, v in val.items()})
-                        summary.val = val
-                        progress.note(f"step {step}: val loss {val['loss']:.3f}, accuracy {val['accuracy']:.1%}")
-                        if val["loss"] < best_val:
-                            best_val = val["loss"]
-                            summary.best_checkpoint = ckpt_dir / f"checkpoint-{step}.ckpt"
-                if step % tcfg.save_every == 0 or final or out_of_time or stop.signum is not None:
-                    summary.last_checkpoint = snapshot(step, {"train_loss": loss_sum, **summary.val})
-                    last_saved_step = step
-                if stop.signum is not None:
-                    raise Interrupted(stop.signum, summary.last_checkpoint)
-                if out_of_time:
-                    summary.stopped = f"time limit ({tcfg.time_limit_minutes:g} min) reached at step {step}"
-                    break
-    except KeyboardInterrupt:
-        path = snapshot(step, {"train_loss": summary.train_loss}) if step > last_saved_step else summary.last_checkpoint
-        logger.close()
-        raise Interrupted(signal.SIGINT, path) from None
-    except BaseException:
-        logger.close()
-        raise
-    if summary.best_checkpoint is not None and not summary.best_checkpoint.exists():
-        summary.best_checkpoint = summary.last_checkpoint
-    summary.tokens_per_second = tokens_total / max(time.perf_counter() - started, 1e-9)
-    summary.baselines = data.baselines() if summary.val else {}
-    if summary.baselines:
-        logger.log_scalars({f"val/baseline_{k}_accuracy": v for k, v in summary.baselines.items()}, summary.steps)
-    logger.close()
-    display.summary(summary, run_dir, ckpt_dir)
-    return summary
+    """Train ``cfg`` from scratch or from a checkpoint (``resume``: a path or ``auto``); returns the summary."""
+    return Trainer(cfg, resume, quiet, console).run()
