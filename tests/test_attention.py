@@ -13,10 +13,15 @@ import pytest
 import torch
 
 from lhtcli.core.attention import (
+    DENSE_AUTO_MAX_LEN,
     MLSWAContext,
+    build_flex_plan,
     build_mlswa_plan,
+    choose_backend,
     compact_attention,
     dense_attention,
+    fast_compact_attention,
+    flex_compact_attention,
     mlswa_attention,
 )
 from lhtcli.core.mask import DOC_LINK, MASKED, mlswa_dense_mask, pair_level_map
@@ -40,8 +45,15 @@ def random_doc(rng: random.Random, sections: int, sentences: tuple[int, int], le
     return doc
 
 
-def make_positions(seed: int, batch: int = 1, doc_token: bool = True, sections=(1, 6), sentences=(1, 6),
-                   length=(1, 9), pad: int = 0) -> HierarchicalPositions:
+def make_positions(
+    seed: int,
+    batch: int = 1,
+    doc_token: bool = True,
+    sections=(1, 6),
+    sentences=(1, 6),
+    length=(1, 9),
+    pad: int = 0,
+) -> HierarchicalPositions:
     rng = random.Random(seed)
     items = []
     for _ in range(batch):
@@ -53,8 +65,14 @@ def make_positions(seed: int, batch: int = 1, doc_token: bool = True, sections=(
     return HierarchicalPositions.batch(items, pad_to=longest + pad)
 
 
-def make_qkv(positions: HierarchicalPositions, dtype=torch.float64, seed: int = 0, heads: int = HEADS,
-             dim: int = DIM, scale: float = 2.0):
+def make_qkv(
+    positions: HierarchicalPositions,
+    dtype=torch.float64,
+    seed: int = 0,
+    heads: int = HEADS,
+    dim: int = DIM,
+    scale: float = 2.0,
+):
     """Head-major [B, H, N, D] tensors; ``scale`` makes the softmax peaky enough to notice wrong keys."""
     gen = torch.Generator().manual_seed(seed)
     shape = (positions.batch_size, heads, positions.seq_len, dim)
@@ -81,7 +99,13 @@ def _explicit(q, k, v, positions, windows, max_level):
 def _via_mlswa_attention(backend):
     def run(q, k, v, positions, windows, max_level):
         out = mlswa_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), positions, windows, max_level, backend=backend
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            positions,
+            windows,
+            max_level,
+            backend=backend,
         )
         return out.transpose(1, 2)
 
@@ -95,8 +119,17 @@ def _via_context(backend):
     return run
 
 
+def _fast(level0):
+    def run(q, k, v, positions, windows, max_level):
+        return fast_compact_attention(q, k, v, build_mlswa_plan(positions, windows, max_level), level0=level0)
+
+    return run
+
+
 BACKENDS = {
     "explicit": _explicit,
+    "fast-flash": _fast("flash"),
+    "fast-sdpa": _fast("sdpa"),
     "compact": _via_mlswa_attention("compact"),
     "dense": _via_mlswa_attention("dense"),
     "context-auto": _via_context("auto"),
@@ -112,6 +145,7 @@ SHAPES = [
     ("tiny-windows-1", [1, 1, 0], dict(sections=(3, 8), sentences=(1, 5), length=(1, 6))),
     ("windows-beyond-n", [500, 200, 100], dict(sections=(2, 5), sentences=(1, 5), length=(1, 8))),
     ("one-token-sentences", [2, 3, 1], dict(sections=(2, 6), sentences=(2, 8), length=(1, 1))),
+    ("multi-chunk", [40, 5, 2], dict(sections=(3, 6), sentences=(3, 10), length=(3, 15))),
 ]
 
 
@@ -169,6 +203,8 @@ def test_gradients_match_dense_and_padding_is_clean(backend):
 # name -> fn(q, k, v, plan) for gradcheck (the plan is built once, outside the checked function)
 GRADCHECK_BACKENDS = {
     "explicit": lambda q, k, v, plan: compact_attention(q, k, v, plan).out,
+    "fast-flash": lambda q, k, v, plan: fast_compact_attention(q, k, v, plan, level0="flash"),
+    "fast-sdpa": lambda q, k, v, plan: fast_compact_attention(q, k, v, plan, level0="sdpa"),
 }
 
 
@@ -229,7 +265,9 @@ def test_doc_reaches_sections_beyond_the_window():
     last_section = int(torch.nonzero(positions.level_enums[2] == 8)[0])
     mask = mlswa_dense_mask(positions, windows, 2)[0]
     assert mask[0, last_section] and mask[last_section, 0]
-    assert not mlswa_dense_mask(positions, windows, 1)[0][0, last_section]  # only when the top level is active
+    assert not mlswa_dense_mask(positions, windows, 1)[0][
+        0, last_section
+    ]  # only when the top level is active
     q, k, v = make_qkv(positions.batched(), seed=12, scale=3.0)
     want, _ = reference(q, k, v, positions, windows, 2)
     for backend in sorted(BACKENDS):
@@ -240,6 +278,46 @@ def test_doc_reaches_sections_beyond_the_window():
     cut[0, last_section] = False
     alt, _ = dense_attention(q, k, v, cut[None])
     assert relative_error(alt[:, :, :1], want[:, :, :1]) > 1e-6
+
+
+def test_level0_with_gaps_falls_back_exactly():
+    """A level-0 enumeration with holes (not a prefix) still gives exact results on every backend."""
+    base = make_positions(4, batch=2, pad=2, sections=(2, 4))
+    keep = torch.ones(base.seq_len, dtype=torch.bool)
+    keep[3] = keep[7] = False  # two padding holes inside the sequences
+    enums = [torch.where(keep, e, 0) for e in base.level_enums]
+    positions = HierarchicalPositions(enums, base.has_doc_token)
+    q, k, v = make_qkv(positions, seed=8)
+    for max_level in range(3):
+        want, _ = reference(q, k, v, positions, [3, 1, 1], max_level)
+        for backend in sorted(BACKENDS):
+            got = BACKENDS[backend](q, k, v, positions, [3, 1, 1], max_level)
+            assert relative_error(got, want) < 1e-12, backend
+            assert torch.all(got.transpose(1, 2)[~positions.real_mask] == 0)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize(
+    ("windows", "max_level", "doc_token"), [([2, 1, 1], 2, True), ([0, 0, 0], 2, True), ([3, 1, 1], 1, False)]
+)
+def test_flex_extended_keys_forward_matches_dense(windows, max_level, doc_token):
+    """The flex mask_mod over extended keys, run eagerly forward-only on CPU at a tiny N."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    positions = make_positions(5, batch=2, pad=3, doc_token=doc_token, sections=(3, 8))
+    q, k, v = make_qkv(positions, seed=1)
+    plan = build_flex_plan(positions, windows, max_level)
+    got = flex_compact_attention(q, k, v, plan, compiled=False)
+    want, _ = reference(q, k, v, positions, windows, max_level)
+    assert relative_error(got, want) < 1e-12
+    assert torch.all(got.transpose(1, 2)[~positions.real_mask] == 0)
+
+
+def test_auto_dispatch_by_length():
+    assert choose_backend(DENSE_AUTO_MAX_LEN, "cpu") == "dense"
+    assert choose_backend(DENSE_AUTO_MAX_LEN + 1, "cpu") == "compact"
+    assert choose_backend(64, "cpu", "compact") == "compact"
+    with pytest.raises(ValueError, match="backend"):
+        choose_backend(64, "cpu", "fast")
 
 
 def test_context_caches_plans_per_max_level():
@@ -253,12 +331,14 @@ def test_unknown_backend_is_rejected():
     positions = make_positions(3)
     q, k, v = make_qkv(positions)
     with pytest.raises(ValueError, match="backend"):
-        mlswa_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), positions, [2, 1, 1], backend="nope")
+        mlswa_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), positions, [2, 1, 1], backend="nope"
+        )
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["compact", "dense", "auto"])
+@pytest.mark.parametrize("backend", ["compact", "dense", "auto", "flex"])
 def test_cuda_backends_match_cpu_reference(backend):
     windows = [16, 4, 2]
     positions = make_positions(17, batch=2, pad=7, sections=(4, 8), sentences=(3, 8), length=(3, 20))

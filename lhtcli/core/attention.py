@@ -1,20 +1,39 @@
-"""Exact ML-SWA attention with memory and time linear in the sequence length.
+"""Exact ML-SWA attention with memory and time linear in the sequence length (DESIGN.md 3, PERF.md).
 
-The "compacted levels" algorithm (PERF.md): every active level ``l`` runs as a banded attention over
-the compacted sequence of its participants (all real tokens, sentence starts, section starts),
-excluding pairs a lower level already allows so that every allowed pair is counted exactly once.
-The ``[DOC]`` rule adds two tiny partials (its row over the top level, and its column for the top
-level's queries). The partial softmaxes are merged exactly through their log-sum-exps.
+Backends (``model.mlswa.backend``):
 
-The plan (indices and band masks) depends only on the document structure: build it once per batch
-and share it across layers and heads.
+* ``compact`` - the "compacted levels" algorithm. Level 0 is banded attention over all tokens, in
+  chunks whose overlapping key windows are strided views of K/V; each level ``l >= 1`` is banded
+  attention over the compacted sequence of its participants (sentence starts, section starts),
+  leaving out pairs a lower level already allows, so every allowed pair counts exactly once. The
+  ``[DOC]`` rule adds two tiny partials. The partial softmaxes are merged exactly through their
+  log-sum-exps, and only at the *boundary rows* (participants of a level >= 1, and ``[DOC]``): every
+  other row's output is its level-0 output.
+
+  Two implementations share the plan. :func:`compact_attention` computes every partial explicitly
+  (chunked matmul and masked softmax; plain autograd; the lse and per-level lse are available, in
+  float64 too) and serves diagnostics. :func:`fast_compact_attention` is the training path: level 0
+  runs through the fused attention kernel. On CPU that is the flash kernel behind
+  ``F.scaled_dot_product_attention`` called with its log-sum-exp, inside one autograd function whose
+  backward gives the kernel the *merged* output and lse (the split-KV identity), so the higher levels
+  cost only their own small partials; elsewhere (CUDA) it is the public SDPA, with the level-0 lse of
+  the boundary rows recomputed explicitly and autograd doing the rest.
+* ``dense`` - one SDPA call with the dense mask (built once per batch and ``max_level``); quadratic,
+  the fastest below a few thousand tokens.
+* ``flex`` - FlexAttention over "extended keys" (one copy of each boundary token's key appended
+  after the sequence, so hierarchical links land in a few extra key blocks), for CUDA.
+* ``auto`` - dense up to :data:`DENSE_AUTO_MAX_LEN` tokens, compact above.
+
+Plans (indices and band masks) depend only on the document structure: :class:`MLSWAContext` builds
+one per batch and ``max_level`` and shares it across layers and heads.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +42,21 @@ from lhtcli.core.mask import doc_rule_active, level_enums, mlswa_dense_mask, res
 from lhtcli.core.positions import HierarchicalPositions
 
 NEG_INF = float("-inf")
-MAX_CHUNK = 128
+MAX_CHUNK = 128  # query rows per chunk at levels >= 1
+LEVEL0_MAX_CHUNK = 256  # level 0: the CPU flash kernel is much faster with >= 192 query rows per call
 MIN_CHUNK = 16
-DENSE_AUTO_MAX_LEN = 1024  # below this, one dense masked softmax beats the banded kernels (PERF.md)
+# Below this many tokens one dense masked SDPA call beats the banded kernels on CPU (benchmarks/attention.py).
+DENSE_AUTO_MAX_LEN = 1024
+BACKENDS = ("auto", "dense", "compact", "flex")
+
+_FLASH_FORWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+_FLASH_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+# ----------------------------------------------------------------------------------------------
+# plan
+# ----------------------------------------------------------------------------------------------
 @dataclass
 class LevelPlan:
     """Banded attention over one level's participants, in compacted order."""
@@ -35,11 +64,33 @@ class LevelPlan:
     level: int
     window: int
     chunk: int
-    halo: int
+    halo: int  # keys on each side of a chunk: the window rounded up to whole chunks
     num_participants: int  # M: the largest participant count over the batch
     index: torch.Tensor  # [B, M] positions of participants; N marks an empty slot
     is_prefix: bool  # participants are positions 0..count-1 in every row: slice instead of gather
     band_mask: torch.Tensor  # [B, 1, nc, C, C + 2 * halo]
+    to_boundary: torch.Tensor | None = None  # [B, M] slot among the boundary rows (levels >= 1)
+
+    @property
+    def num_chunks(self) -> int:
+        return self.band_mask.shape[2]
+
+
+@dataclass
+class BoundaryRows:
+    """Rows whose output merges more than the level-0 partial: participants of a level >= 1 and
+    ``[DOC]`` (when its rule is active). Tensors over them have ``count + 1`` slots; the last one is
+    a dummy that absorbs empty slots."""
+
+    index: torch.Tensor  # [B, Mu + 1] positions; N for empty slots (and the dummy)
+    valid: torch.Tensor  # [B, Mu + 1]
+    batch_of_valid: torch.Tensor  # [V]: batch row of each valid slot
+    slot_of_valid: torch.Tensor  # [V]
+    position_of_valid: torch.Tensor  # [V]
+
+    @property
+    def count(self) -> int:
+        return self.index.shape[1] - 1
 
 
 @dataclass
@@ -50,11 +101,15 @@ class MLSWAPlan:
     levels: list[LevelPlan]
     # [DOC] links with the top level's participants not already allowed by a level: [B, 1, Mt]
     doc_link_mask: torch.Tensor | None = None
+    boundary: BoundaryRows | None = None
+    real: torch.Tensor | None = None  # [B, N] real tokens
+    has_padding: bool = False
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False)  # lazily built per dtype / path
 
 
-def _chunk_size(window: int, count: int) -> int:
+def _chunk_size(window: int, count: int, max_chunk: int = MAX_CHUNK) -> int:
     chunk = MIN_CHUNK
-    while chunk < window and chunk < MAX_CHUNK:
+    while chunk < window and chunk < max_chunk:
         chunk *= 2
     return max(1, min(chunk, count))
 
@@ -79,33 +134,38 @@ def _allowed(eq: torch.Tensor, ek: torch.Tensor, window: int) -> torch.Tensor:
     return (eq != 0) & (ek != 0) & ((eq - ek).abs() <= window)
 
 
+def _compact_order(part: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Participants first, in position order: (order [B, M], valid [B, M], index [B, M] with N when empty)."""
+    counts = part.sum(1)
+    m = max(int(counts.max()), 1)
+    order = torch.sort((~part).to(torch.int8), dim=1, stable=True).indices[:, :m]
+    valid = torch.arange(m, device=part.device)[None, :] < counts[:, None]
+    return order, valid, torch.where(valid, order, torch.full_like(order, n))
+
+
 def build_mlswa_plan(
     positions: HierarchicalPositions,
     window_size_per_level: Sequence[int],
     max_level: int | None = None,
 ) -> MLSWAPlan:
-    """Precompute participants and band masks for every active level (shared by layers and heads)."""
+    """Precompute participants, band masks and boundary rows for every active level (shared by layers
+    and heads)."""
     windows = [int(w) for w in window_size_per_level]
     max_level = resolve_max_level(windows, max_level)
     enums = level_enums(positions, windows)  # [L, B, N]
     _, batch, n = enums.shape
-    device = enums.device
     levels: list[LevelPlan] = []
     for level in range(max_level + 1):
-        part = enums[level] != 0
-        counts = part.sum(1)
-        m = max(int(counts.max()), 1)
-        order = torch.sort((~part).to(torch.int8), dim=1, stable=True).indices[:, :m]
-        valid = torch.arange(m, device=device)[None, :] < counts[:, None]
-        index = torch.where(valid, order, torch.full_like(order, n))
-        is_prefix = bool(((order == torch.arange(m, device=device)[None, :]) | ~valid).all())
+        order, valid, index = _compact_order(enums[level] != 0, n)
+        m = index.shape[1]
+        is_prefix = bool(((order == torch.arange(m, device=order.device)[None, :]) | ~valid).all())
         gathered = torch.gather(enums[: level + 1], 2, order[None].expand(level + 1, batch, m))
         ev = torch.where(valid[None], gathered, 0)  # [l+1, B, M]
         increasing = (ev[level, :, 1:] > ev[level, :, :-1]) | ~valid[:, 1:]
         if not bool(increasing.all()):
             raise ValueError(f"level {level} enumeration must increase along the sequence")
         window = windows[level]
-        chunk = _chunk_size(window, m)
+        chunk = _chunk_size(window, m, LEVEL0_MAX_CHUNK if level == 0 else MAX_CHUNK)
         halo = -(-window // chunk) * chunk
         eq = _chunk_queries(ev[..., None], chunk)  # [l+1, B, nc, C, 1]
         ek = _key_windows(ev[..., None], chunk, halo).transpose(-1, -2)  # [l+1, B, nc, 1, C+2h]
@@ -125,11 +185,36 @@ def build_mlswa_plan(
             covered |= _allowed(e_doc, e_key, windows[level])
         doc_real = enums[0][:, :1] != 0
         doc_link_mask = (doc_real & (top.index < n) & ~covered)[:, None, :]
-    return MLSWAPlan(n, batch, max_level, levels, doc_link_mask)
+    real = enums[0] != 0
+    plan = MLSWAPlan(n, batch, max_level, levels, doc_link_mask, real=real, has_padding=not bool(real.all()))
+    if max_level >= 1:
+        plan.boundary = _build_boundary(enums, plan)
+    return plan
 
 
+def _build_boundary(enums: torch.Tensor, plan: MLSWAPlan) -> BoundaryRows:
+    n = plan.seq_len
+    part = (enums[1 : plan.max_level + 1] != 0).any(0)
+    if plan.doc_link_mask is not None:
+        part[:, 0] |= enums[0][:, 0] != 0
+    _, valid, index = _compact_order(part, n)
+    batch, mu = index.shape
+    index = F.pad(index, (0, 1), value=n)  # the dummy slot
+    valid = F.pad(valid, (0, 1), value=False)
+    slot_of = torch.full((batch, n + 1), mu, dtype=torch.long, device=index.device)
+    slot_of.scatter_(1, index, torch.arange(mu + 1, device=index.device).expand(batch, -1))
+    slot_of[:, n] = mu  # empty slots of every level point at the dummy
+    for lp in plan.levels[1:]:
+        lp.to_boundary = torch.gather(slot_of, 1, lp.index)
+    batch_of, slot = torch.nonzero(valid, as_tuple=True)
+    return BoundaryRows(index, valid, batch_of, slot, index[batch_of, slot])
+
+
+# ----------------------------------------------------------------------------------------------
+# explicit partial softmaxes
+# ----------------------------------------------------------------------------------------------
 def _masked_softmax_parts(scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unnormalised probabilities and lse of a masked score block; rows with no key get lse -inf."""
+    """Normalised probabilities and lse of a masked score block; rows with no key get lse -inf."""
     scores = scores.masked_fill(~mask, NEG_INF)
     peak = scores.amax(-1, keepdim=True).detach()
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
@@ -141,21 +226,42 @@ def _masked_softmax_parts(scores: torch.Tensor, mask: torch.Tensor) -> tuple[tor
     return weights / total_safe, lse.squeeze(-1)
 
 
-def _band_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: LevelPlan, scale: float
+def _partial(
+    scores: torch.Tensor, mask: torch.Tensor, values, offset: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Banded attention of compacted [B, H, M, D] tensors -> (out [B, H, M, D], lse [B, H, M])."""
+    """One softmax partial over masked ``scores [..., R, K]``; ``values(weights) -> [..., R, D]``.
+
+    Without ``offset``: (normalised output, lse). With ``offset [..., R]`` (the rows' final lse):
+    (sum_k exp(s - offset) v_k, sum_k exp(s - offset)); the gradient of
+    ``<dO, first> - <D, second>`` is the exact backward of these pairs (see :class:`_FlashCompact`).
+    """
+    if offset is None:
+        probs, lse = _masked_softmax_parts(scores, mask)
+        return values(probs), lse
+    weights = torch.exp(scores.masked_fill(~mask, NEG_INF) - offset[..., None])
+    return values(weights), weights.sum(-1)
+
+
+def _band_partial(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lp: LevelPlan,
+    scale: float,
+    offset: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Banded attention of compacted [B, H, M, D] tensors -> ([B, H, M, D], [B, H, M]); see _partial."""
     batch, heads, m, dim = q.shape
-    qc = _chunk_queries(q, plan.chunk)  # [B, H, nc, C, D]
-    kw = _key_windows(k, plan.chunk, plan.halo)  # [B, H, nc, K, D]
-    vw = _key_windows(v, plan.chunk, plan.halo)
+    qc = _chunk_queries(q, lp.chunk)  # [B, H, nc, C, D]
+    kw = _key_windows(k, lp.chunk, lp.halo)  # [B, H, nc, K, D]
+    vw = _key_windows(v, lp.chunk, lp.halo)
     scores = torch.matmul(qc, kw.transpose(-1, -2)) * scale
-    probs, lse = _masked_softmax_parts(scores, plan.band_mask)
-    out = torch.matmul(probs, vw)
+    chunk_offset = None if offset is None else _chunk_queries(offset[..., None], lp.chunk)[..., 0]
+    out, lse = _partial(scores, lp.band_mask, lambda w: torch.matmul(w, vw), chunk_offset)
     nc = qc.shape[2]
-    out = out.reshape(batch, heads, nc * plan.chunk, dim)[:, :, :m]
-    lse = lse.reshape(batch, heads, nc * plan.chunk)[:, :, :m]
-    return out, lse
+    return out.reshape(batch, heads, nc * lp.chunk, dim)[:, :, :m], lse.reshape(batch, heads, nc * lp.chunk)[
+        :, :, :m
+    ]
 
 
 def _logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -164,7 +270,9 @@ def _logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
     total = torch.exp(a - peak) + torch.exp(b - peak)
     nonempty = total > 0
-    return torch.where(nonempty, torch.log(torch.where(nonempty, total, torch.ones_like(total))) + peak, NEG_INF)
+    return torch.where(
+        nonempty, torch.log(torch.where(nonempty, total, torch.ones_like(total))) + peak, NEG_INF
+    )
 
 
 def _merge(
@@ -178,11 +286,138 @@ def _merge(
     return wa * out_a + wb * out_b, lse
 
 
+def _combine(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], summed: bool):
+    """Merge two partials; in offset mode (``summed``) they are plain sums."""
+    if summed:
+        return a[0] + b[0], a[1] + b[1]
+    return _merge(a[0], a[1], b[0], b[1])
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, H, N, *D] at index [B, M] (N = empty -> row N-1, never used) -> [B, H, M, *D]."""
+    batch, heads = x.shape[:2]
+    idx = index.clamp(max=x.shape[2] - 1)[:, None, :].expand(batch, heads, -1)
+    if x.dim() == 4:
+        return torch.gather(x, 2, idx[..., None].expand(-1, -1, -1, x.shape[3]))
+    return torch.gather(x, 2, idx)
+
+
+def _to_slots(x: torch.Tensor, slots: torch.Tensor, size: int, fill: float) -> torch.Tensor:
+    """Compacted rows x [B, H, M, *D] -> [B, H, size, *D] at ``slots`` [B, M] (``fill`` elsewhere)."""
+    batch, heads, m = x.shape[:3]
+    idx = slots[:, None, :].expand(batch, heads, m)
+    if x.dim() == 4:
+        idx = idx[..., None].expand(-1, -1, -1, x.shape[3])
+    return x.new_full((batch, heads, size, *x.shape[3:]), fill).scatter(2, idx, x)
+
+
+@dataclass
+class _BoundaryInputs:
+    """The rows each level >= 1 reads: per level (q, k, v) of its participants, and [DOC]'s own."""
+
+    levels: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    doc: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # q, k, v at position 0: [B, H, 1, D]
+
+    @staticmethod
+    def gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: MLSWAPlan) -> _BoundaryInputs:
+        levels = [tuple(_gather_rows(t, lp.index) for t in (q, k, v)) for lp in plan.levels[1:]]
+        doc = None if plan.doc_link_mask is None else (q[:, :, :1], k[:, :, :1], v[:, :, :1])
+        return _BoundaryInputs(levels, doc)
+
+    def leaves(self) -> _BoundaryInputs:
+        """Detached copies that require grad (for the backward's surrogate)."""
+        levels = [tuple(t.detach().requires_grad_(True) for t in lv) for lv in self.levels]
+        doc = None if self.doc is None else tuple(t.detach().requires_grad_(True) for t in self.doc)
+        return _BoundaryInputs(levels, doc)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for lv in self.levels for t in lv] + list(self.doc or ())
+
+
+def _boundary_partials(
+    inputs: _BoundaryInputs,
+    plan: MLSWAPlan,
+    scale: float,
+    offset: torch.Tensor | None = None,
+    collect_levels: bool = False,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], list[torch.Tensor]]:
+    """The pairs that levels >= 1 and the ``[DOC]`` rule add, on the boundary rows ([B, H, Mu + 1]).
+
+    Returns ((out, lse) of their softmax, or the offset sums, see :func:`_partial`), and with
+    ``collect_levels`` each level's lse on the boundary rows (the ``[DOC]`` links in the top level).
+    """
+    assert plan.boundary is not None
+    slots = plan.boundary.count + 1
+    summed = offset is not None
+    total: tuple[torch.Tensor, torch.Tensor] | None = None
+    level_lse: list[torch.Tensor] = []
+    for lp, (ql, kl, vl) in zip(plan.levels[1:], inputs.levels, strict=True):
+        assert lp.to_boundary is not None
+        off = (
+            None
+            if offset is None
+            else torch.gather(offset, 2, lp.to_boundary[:, None].expand(-1, ql.shape[1], -1))
+        )
+        part = _band_partial(ql, kl, vl, lp, scale, off)
+        if inputs.doc is not None and lp is plan.levels[-1]:
+            part = _combine(part, _doc_column(ql, *inputs.doc[1:], plan.doc_link_mask, scale, off), summed)
+        fill = 0.0 if summed else NEG_INF
+        part = (
+            _to_slots(part[0], lp.to_boundary, slots, 0.0),
+            _to_slots(part[1], lp.to_boundary, slots, fill),
+        )
+        total = part if total is None else _combine(total, part, summed)
+        if collect_levels:
+            level_lse.append(part[1])
+    assert total is not None
+    if inputs.doc is not None:
+        _, k_top, v_top = inputs.levels[-1]
+        off = None if offset is None else offset[:, :, :1]
+        row = _doc_row(inputs.doc[0], k_top, v_top, plan.doc_link_mask, scale, off)  # [DOC] is slot 0
+        first = _combine((total[0][:, :, :1], total[1][:, :, :1]), row, summed)
+        total = (torch.cat([first[0], total[0][:, :, 1:]], 2), torch.cat([first[1], total[1][:, :, 1:]], 2))
+        if collect_levels:
+            top = level_lse[-1]
+            level_lse[-1] = torch.cat([_logaddexp(top[:, :, :1], row[1]), top[:, :, 1:]], dim=2)
+    return total, level_lse
+
+
+def _doc_column(q_top, k_doc, v_doc, mask: torch.Tensor, scale: float, offset: torch.Tensor | None):
+    """Top-level queries may also see [DOC] (its key and value k_doc, v_doc [B, H, 1, D])."""
+    scores = (q_top * k_doc).sum(-1, keepdim=True) * scale  # [B, H, Mt, 1]
+    return _partial(scores, mask[..., None], lambda w: w * v_doc, offset)
+
+
+def _doc_row(q_doc, k_top, v_top, mask: torch.Tensor, scale: float, offset: torch.Tensor | None):
+    """[DOC]'s own partial over every top-level participant: ([B, H, 1, D], [B, H, 1])."""
+    scores = torch.matmul(q_doc, k_top.transpose(-1, -2)) * scale  # [B, H, 1, Mt]
+    return _partial(scores, mask[:, :, None, :], lambda w: torch.matmul(w, v_top), offset)
+
+
+def _write_boundary(x: torch.Tensor, rows: torch.Tensor, plan: MLSWAPlan, inplace: bool) -> torch.Tensor:
+    """Position-space x [B, H, N, *D] with the valid boundary rows replaced by rows [B, H, Mu+1, *D]."""
+    br = plan.boundary
+    assert br is not None
+    heads = torch.arange(x.shape[1], device=x.device)[None, :]
+    index = (br.batch_of_valid[:, None], heads, br.position_of_valid[:, None])
+    values = rows[br.batch_of_valid, :, br.slot_of_valid]  # [V, H, *D]
+    return x.index_put_(index, values) if inplace else x.index_put(index, values)
+
+
+# ----------------------------------------------------------------------------------------------
+# explicit path (lse and per-level lse available)
+# ----------------------------------------------------------------------------------------------
 @dataclass
 class AttentionResult:
     out: torch.Tensor  # [B, H, N, D]
     lse: torch.Tensor  # [B, H, N]; -inf on padding
     level_lse: list[torch.Tensor] | None = None  # per level [B, H, N]: lse of the pairs that level adds
+
+
+def _check_plan(q: torch.Tensor, plan: MLSWAPlan) -> None:
+    batch, _, n, _ = q.shape
+    if n != plan.seq_len or batch != plan.batch_size:
+        raise ValueError(f"plan was built for B={plan.batch_size}, N={plan.seq_len}; got B={batch}, N={n}")
 
 
 def compact_attention(
@@ -193,89 +428,312 @@ def compact_attention(
     scale: float | None = None,
     collect_levels: bool = False,
 ) -> AttentionResult:
-    """Exact ML-SWA on head-major tensors [B, H, N, D] using a prebuilt plan."""
+    """Exact ML-SWA on head-major tensors [B, H, N, D] with every partial explicit (any dtype/device)."""
+    _check_plan(q, plan)
     batch, heads, n, dim = q.shape
-    if n != plan.seq_len or batch != plan.batch_size:
-        raise ValueError(f"plan was built for B={plan.batch_size}, N={plan.seq_len}; got B={batch}, N={n}")
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    # Slot N absorbs empty participant slots; its lse of 0 keeps every merge finite (no NaN gradients).
-    out_total: torch.Tensor | None = None
-    lse_total: torch.Tensor | None = None
-    level_lse: list[torch.Tensor] = []
-    doc_row: tuple[torch.Tensor, torch.Tensor] | None = None
-    for lp in plan.levels:
-        m = lp.num_participants
-        if lp.is_prefix:
-            ql, kl, vl = q[:, :, :m], k[:, :, :m], v[:, :, :m]
-        else:
-            gi = lp.index.clamp(max=n - 1)[:, None, :, None].expand(batch, heads, m, dim)
-            ql, kl, vl = (torch.gather(t, 2, gi) for t in (q, k, v))
-        out_l, lse_l = _band_attention(ql, kl, vl, lp, scale)
-        if plan.doc_link_mask is not None and lp is plan.levels[-1]:
-            out_l, lse_l = _doc_column(ql, k, v, out_l, lse_l, plan.doc_link_mask, scale)
-            doc_row = _doc_row(q, kl, vl, plan.doc_link_mask, scale)
-        if out_total is None:
-            out_total, lse_total = _initial_totals(out_l, lse_l, lp, n)
-        else:
-            out_total, lse_total = _merge_into(out_total, lse_total, out_l, lse_l, lp)
-        if collect_levels:
-            level_lse.append(_scatter_rows(lse_l, lp, n, NEG_INF))
-    assert out_total is not None and lse_total is not None
-    out_total, lse_total = out_total[:, :, :n], lse_total[:, :, :n]
-    if doc_row is not None:
-        row_out, row_lse = doc_row
-        out0, lse0 = _merge(out_total[:, :, :1], lse_total[:, :, :1], row_out, row_lse)
-        out_total = torch.cat([out0, out_total[:, :, 1:]], dim=2)
-        lse_total = torch.cat([lse0, lse_total[:, :, 1:]], dim=2)
-        if collect_levels:
-            top = level_lse[-1]
-            level_lse[-1] = torch.cat([_logaddexp(top[:, :, :1], row_lse), top[:, :, 1:]], dim=2)
-    return AttentionResult(out_total, lse_total, level_lse if collect_levels else None)
-
-
-def _doc_column(q_top, k, v, out_top, lse_top, mask: torch.Tensor, scale: float):
-    """Top-level queries may also see [DOC] (position 0): a one-key softmax partial merged in."""
-    col_lse = ((q_top * k[:, :, :1]).sum(-1) * scale).masked_fill(~mask, NEG_INF)  # [B, H, Mt]
-    col_out = v[:, :, :1].expand_as(out_top) * mask[..., None]
-    return _merge(out_top, lse_top, col_out, col_lse)
-
-
-def _doc_row(q, k_top, v_top, mask: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """[DOC]'s own partial over every top-level participant: (out [B, H, 1, D], lse [B, H, 1])."""
-    row_scores = torch.matmul(q[:, :, :1], k_top.transpose(-1, -2)) * scale  # [B, H, 1, Mt]
-    row_probs, row_lse = _masked_softmax_parts(row_scores, mask[:, :, None, :])
-    return torch.matmul(row_probs, v_top), row_lse
-
-
-def _scatter_rows(values: torch.Tensor, lp: LevelPlan, n: int, fill: float) -> torch.Tensor:
-    """Compacted per-row values [B, H, M] -> positions [B, H, N] (``fill`` elsewhere)."""
-    batch, heads, m = values.shape
-    full = values.new_full((batch, heads, n + 1), fill)
-    full = full.scatter(2, lp.index[:, None, :].expand(batch, heads, m), values)
-    return full[:, :, :n]
-
-
-def _initial_totals(out_l, lse_l, lp: LevelPlan, n: int):
-    batch, heads, m, dim = out_l.shape
-    if lp.is_prefix:
-        out_total = torch.cat([out_l, out_l.new_zeros(batch, heads, n + 1 - m, dim)], dim=2)
-        lse_total = torch.cat([lse_l, lse_l.new_full((batch, heads, n + 1 - m), NEG_INF)], dim=2)
+    lp0 = plan.levels[0]
+    if lp0.is_prefix:
+        m = lp0.num_participants
+        out0, lse0 = _band_partial(q[:, :, :m], k[:, :, :m], v[:, :, :m], lp0, scale)
+        if m < n:
+            out0 = F.pad(out0, (0, 0, 0, n - m))
+            lse0 = F.pad(lse0, (0, n - m), value=NEG_INF)
     else:
-        ii = lp.index[:, None, :].expand(batch, heads, m)
-        out_total = out_l.new_zeros(batch, heads, n + 1, dim).scatter(2, ii[..., None].expand(-1, -1, -1, dim), out_l)
-        lse_total = lse_l.new_full((batch, heads, n + 1), NEG_INF).scatter(2, ii, lse_l)
-    slot = torch.tensor([n], device=lse_total.device)
-    return out_total, lse_total.index_fill(2, slot, 0.0)
+        out0, lse0 = _band_partial(*(_gather_rows(t, lp0.index) for t in (q, k, v)), lp0, scale)
+        out0 = _to_slots(out0, lp0.index, n + 1, 0.0)[:, :, :n]
+        lse0 = _to_slots(lse0, lp0.index, n + 1, NEG_INF)[:, :, :n]
+    if plan.boundary is None:
+        return AttentionResult(out0, lse0, [lse0] if collect_levels else None)
+    inputs = _BoundaryInputs.gather(q, k, v, plan)
+    (out_b, lse_b), level_lse = _boundary_partials(inputs, plan, scale, collect_levels=collect_levels)
+    index = plan.boundary.index
+    out_b, lse_b = _merge(_gather_rows(out0, index), _gather_rows(lse0, index), out_b, lse_b)
+    out = _write_boundary(out0, out_b, plan, inplace=False)
+    lse = _write_boundary(lse0, lse_b, plan, inplace=False)
+    levels = None
+    if collect_levels:
+        levels = [lse0]
+        for per_level in level_lse:
+            levels.append(_write_boundary(lse0.new_full(lse0.shape, NEG_INF), per_level, plan, inplace=False))
+    return AttentionResult(out, lse, levels)
 
 
-def _merge_into(out_total, lse_total, out_l, lse_l, lp: LevelPlan):
-    batch, heads, m, dim = out_l.shape
-    ii = lp.index[:, None, :].expand(batch, heads, m)
-    iid = ii[..., None].expand(batch, heads, m, dim)
-    out_new, lse_new = _merge(torch.gather(out_total, 2, iid), torch.gather(lse_total, 2, ii), out_l, lse_l)
-    return out_total.scatter(2, iid, out_new), lse_total.scatter(2, ii, lse_new)
+# ----------------------------------------------------------------------------------------------
+# fast path: level 0 through the fused kernel
+# ----------------------------------------------------------------------------------------------
+def _level0_geometry(plan: MLSWAPlan) -> tuple[int, int, int, int]:
+    """(chunk C, halo, number of chunks nc, window K) of the level-0 band."""
+    lp = plan.levels[0]
+    return lp.chunk, lp.halo, lp.num_chunks, lp.chunk + 2 * lp.halo
 
 
+def _level0_mask(plan: MLSWAPlan, dtype: torch.dtype) -> torch.Tensor:
+    """Additive level-0 band mask [B, nc, C, K] of ``dtype``; rows with no key (padding) are opened
+    (all zeros) so that no kernel sees a fully masked row; their outputs are zeroed afterwards."""
+    key = ("level0_mask", dtype)
+    if key not in plan.cache:
+        band = plan.levels[0].band_mask[:, 0]
+        band = band | ~band.any(-1, keepdim=True)
+        plan.cache[key] = torch.zeros(band.shape, dtype=dtype, device=band.device).masked_fill_(
+            ~band, NEG_INF
+        )
+    return plan.cache[key]
+
+
+def _rows_to_chunks(x: torch.Tensor, chunk: int, nc: int, fill: float = 0.0) -> torch.Tensor:
+    """[B, H, N, *D] -> [B, H, nc, C, *D] covering rows 0..nc*C-1 (a view when N >= nc*C)."""
+    n, rows = x.shape[2], nc * chunk
+    if rows <= n:
+        return x[:, :, :rows].unflatten(2, (nc, chunk))
+    pad = (0, 0, 0, rows - n) if x.dim() == 4 else (0, rows - n)
+    return F.pad(x, pad, value=fill).unflatten(2, (nc, chunk))
+
+
+def _chunks_to_rows(x: torch.Tensor, n: int, fill: float = 0.0) -> torch.Tensor:
+    """[B, H, nc, C, *D] -> [B, H, N, *D] (cut or padded with ``fill``)."""
+    x = x.flatten(2, 3)
+    rows = x.shape[2]
+    if rows >= n:
+        return x[:, :, :n]
+    pad = (0, 0, 0, n - rows) if x.dim() == 4 else (0, n - rows)
+    return F.pad(x, pad, value=fill)
+
+
+def _padded_keys(x: torch.Tensor, plan: MLSWAPlan) -> torch.Tensor:
+    """[B, H, N, D] -> [B, H, nc*C + 2*halo, D]: the level-0 key rows with the halo on both sides."""
+    chunk, halo, nc, _ = _level0_geometry(plan)
+    rows = nc * chunk
+    x = x[:, :, :rows]
+    return F.pad(x, (0, 0, halo, halo + rows - x.shape[2]))
+
+
+def _windows(padded: torch.Tensor, plan: MLSWAPlan) -> torch.Tensor:
+    chunk, _, _, width = _level0_geometry(plan)
+    return padded.unfold(2, width, chunk).transpose(-1, -2)  # [B, H, nc, K, D], a view
+
+
+def _flash_forward(q, k, v, plan: MLSWAPlan, scale: float):
+    """Exact ML-SWA forward with the CPU flash kernel for level 0.
+
+    Returns (out [B, H, N, D], lse [B, H, N], padded keys, padded values)."""
+    n = plan.seq_len
+    chunk, _, nc, _ = _level0_geometry(plan)
+    mask = _level0_mask(plan, q.dtype)
+    qc = _rows_to_chunks(q, chunk, nc)
+    kp, vp = _padded_keys(k, plan), _padded_keys(v, plan)
+    kw, vw = _windows(kp, plan), _windows(vp, plan)
+    parts = [
+        _FLASH_FORWARD(qc[b], kw[b], vw[b], 0.0, False, attn_mask=mask[b : b + 1], scale=scale)
+        for b in range(q.shape[0])
+    ]
+    out = _chunks_to_rows(_stack([p[0] for p in parts]), n).contiguous()
+    lse = _chunks_to_rows(_stack([p[1] for p in parts]), n).contiguous()
+    if plan.has_padding:
+        out.masked_fill_(~plan.real[:, None, :, None], 0.0)
+        lse.masked_fill_(~plan.real[:, None, :], NEG_INF)
+    if plan.boundary is not None:
+        index = plan.boundary.index
+        extra, _ = _boundary_partials(_BoundaryInputs.gather(q, k, v, plan), plan, scale)
+        merged = _merge(_gather_rows(out, index), _gather_rows(lse, index), extra[0], extra[1].to(lse.dtype))
+        _write_boundary(out, merged[0].to(out.dtype), plan, inplace=True)
+        _write_boundary(lse, merged[1], plan, inplace=True)
+    return out, lse, kp, vp
+
+
+def _stack(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0][None] if len(parts) == 1 else torch.stack(parts)
+
+
+def _fold_windows(grad: torch.Tensor, plan: MLSWAPlan, n: int) -> torch.Tensor:
+    """Sum the gradients of overlapping key windows [B, H, nc, K, D] back onto rows [B, H, N, D]."""
+    chunk, halo, nc, width = _level0_geometry(plan)
+    blocks = width // chunk
+    padded = F.pad(grad[:, :, :, :chunk], (0, 0, 0, 0, 0, blocks - 1))  # [B, H, nc + blocks - 1, C, D]
+    for d in range(1, blocks):
+        padded[:, :, d : d + nc] += grad[:, :, :, d * chunk : (d + 1) * chunk]
+    return _chunks_to_rows(padded, halo + n)[:, :, halo:]
+
+
+class _FlashCompact(torch.autograd.Function):
+    """Exact ML-SWA whose level 0 runs in the CPU flash kernel, forward and backward.
+
+    Backward uses the split-KV identity: for the level-0 keys of a row, the exact gradient of the
+    *whole* softmax is what the flash backward kernel computes when handed the merged output O and
+    merged lse (p = exp(s - lse) is then the global probability and D = rowsum(dO * O) the global
+    one). The few pairs of levels >= 1 and of the [DOC] rule get theirs from autograd through
+    ``<dO, sum_k p_k v_k> - <D, sum_k p_k>`` on the boundary rows (p_k = exp(s_k - lse), lse fixed).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: MLSWAPlan, scale: float):
+        out, lse, kp, vp = _flash_forward(q, k, v, plan, scale)
+        ctx.plan, ctx.scale = plan, scale
+        ctx.save_for_backward(q, k, v, kp, vp, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, kp, vp, out, lse = ctx.saved_tensors
+        plan, scale = ctx.plan, ctx.scale
+        n = plan.seq_len
+        chunk, _, nc, _ = _level0_geometry(plan)
+        mask = _level0_mask(plan, q.dtype)
+        kernel_lse = lse.masked_fill(~plan.real[:, None, :], math.inf) if plan.has_padding else lse
+        qc, gc, oc = (_rows_to_chunks(t, chunk, nc) for t in (q, grad_out, out))
+        lc = _rows_to_chunks(kernel_lse, chunk, nc, fill=math.inf)
+        kw, vw = _windows(kp, plan), _windows(vp, plan)
+        parts = [
+            _FLASH_BACKWARD(
+                gc[b], qc[b], kw[b], vw[b], oc[b], lc[b], 0.0, False, attn_mask=mask[b : b + 1], scale=scale
+            )
+            for b in range(q.shape[0])
+        ]
+        dq = _chunks_to_rows(_stack([p[0] for p in parts]), n)
+        if dq.shape[2] != n or not dq.is_contiguous():
+            dq = dq.contiguous()
+        dk = _fold_windows(_stack([p[1] for p in parts]), plan, n)
+        dv = _fold_windows(_stack([p[2] for p in parts]), plan, n)
+        if plan.boundary is not None:
+            _boundary_backward(grad_out, q, k, v, out, lse, plan, scale, (dq, dk, dv))
+        return dq, dk, dv, None, None
+
+
+def _boundary_backward(grad_out, q, k, v, out, lse, plan: MLSWAPlan, scale: float, grads) -> None:
+    """Add the gradients of the pairs of levels >= 1 and the [DOC] rule into ``grads`` (in place)."""
+    assert plan.boundary is not None
+    index, valid = plan.boundary.index, plan.boundary.valid[:, None]
+    offset = _gather_rows(lse, index).masked_fill(~valid, 0.0)
+    grad_rows = _gather_rows(grad_out, index) * valid[..., None]
+    delta = (grad_rows * _gather_rows(out, index)).sum(-1)
+    with torch.enable_grad():
+        inputs = _BoundaryInputs.gather(q, k, v, plan).leaves()
+        (weighted, total), _ = _boundary_partials(inputs, plan, scale, offset=offset)
+        surrogate = (grad_rows * weighted).sum() - (delta * total).sum()
+        leaves = inputs.tensors()
+        found = torch.autograd.grad(surrogate, leaves, allow_unused=True)
+    found = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, found, strict=True)]
+    n = plan.seq_len
+    for i, lp in enumerate(plan.levels[1:]):
+        level_grads = found[3 * i : 3 * i + 3]
+        idx = lp.index.clamp(max=n - 1)[:, None, :, None].expand_as(level_grads[0])
+        for acc, g in zip(grads, level_grads, strict=True):
+            acc.scatter_add_(2, idx, g)  # empty slots carry exact zeros
+    if inputs.doc is not None:
+        for acc, g in zip(grads, found[-3:], strict=True):
+            acc[:, :, :1] += g
+
+
+def _sdpa_rows(plan: MLSWAPlan) -> dict[str, torch.Tensor]:
+    """Boundary rows grouped by level-0 chunk (for their explicit level-0 lse on the SDPA path)."""
+    if "sdpa_rows" in plan.cache:
+        return plan.cache["sdpa_rows"]
+    br = plan.boundary
+    assert br is not None
+    chunk, _, nc, _ = _level0_geometry(plan)
+    batch, slots = br.index.shape
+    pos = br.index.clamp(max=nc * chunk - 1)
+    chunk_of = torch.where(br.valid, pos // chunk, nc)  # invalid slots sort last
+    counts = torch.zeros(batch, nc + 1, dtype=torch.long, device=pos.device).scatter_add_(
+        1, chunk_of, torch.ones_like(chunk_of)
+    )[:, :nc]
+    width = max(int(counts.max()), 1)
+    starts = torch.cumsum(counts, 1) - counts  # first slot of each chunk (slots are sorted by position)
+    rank = torch.arange(slots, device=pos.device)[None] - torch.gather(F.pad(starts, (0, 1)), 1, chunk_of)
+    grouped = torch.where(br.valid, chunk_of * width + rank, nc * width)  # slot -> grouped row
+    members = torch.zeros(batch, nc * width + 1, dtype=torch.long, device=pos.device)
+    members.scatter_(1, grouped, torch.where(br.valid, pos % chunk, 0))
+    used = torch.zeros(batch, nc * width + 1, dtype=torch.bool, device=pos.device)
+    used.scatter_(1, grouped, br.valid)
+    members, used = members[:, :-1].view(batch, nc, width), used[:, :-1].view(batch, nc, width)
+    band = plan.levels[0].band_mask[:, 0]  # [B, nc, C, K]
+    rows_mask = torch.gather(band, 2, members[..., None].expand(-1, -1, -1, band.shape[-1])) & used[..., None]
+    grouped = grouped.clamp(max=nc * width - 1)
+    plan.cache["sdpa_rows"] = {"members": members, "mask": rows_mask[:, None], "grouped": grouped}
+    return plan.cache["sdpa_rows"]
+
+
+def _sdpa_compact(q, k, v, plan: MLSWAPlan, scale: float) -> torch.Tensor:
+    """Exact ML-SWA with public ops (any device): level 0 through ``F.scaled_dot_product_attention``,
+    the boundary rows' level-0 lse recomputed explicitly, autograd for the backward."""
+    n = plan.seq_len
+    chunk, halo, nc, width = _level0_geometry(plan)
+    mask = _level0_mask(plan, q.dtype)
+    qc = _rows_to_chunks(q, chunk, nc)
+    kp, vp = _padded_keys(k, plan), _padded_keys(v, plan)
+    kw, vw = _windows(kp, plan), _windows(vp, plan)
+    outs = [
+        F.scaled_dot_product_attention(qc[b], kw[b], vw[b], attn_mask=mask[b : b + 1], scale=scale)
+        for b in range(q.shape[0])
+    ]
+    out = _chunks_to_rows(torch.stack(outs), n)
+    if plan.has_padding:
+        out = out.masked_fill(~plan.real[:, None, :, None], 0.0)
+    if plan.boundary is None:
+        return out
+    rows = _sdpa_rows(plan)
+    batch, heads, dim = q.shape[0], q.shape[1], q.shape[3]
+    members = rows["members"][:, None, :, :, None].expand(batch, heads, -1, -1, dim)
+    q_rows = torch.gather(qc, 3, members)  # [B, H, nc, R, D]
+    blocks = kp.unflatten(2, (-1, chunk))  # [B, H, nc + width/C - 1, C, D]: non-overlapping key blocks
+    scores = (
+        torch.cat(
+            [torch.matmul(q_rows, blocks[:, :, d : d + nc].transpose(-1, -2)) for d in range(width // chunk)],
+            -1,
+        )
+        * scale
+    )
+    _, lse_rows = _masked_softmax_parts(scores, rows["mask"])
+    grouped = rows["grouped"][:, None].expand(batch, heads, -1)
+    lse0 = torch.gather(lse_rows.flatten(2), 2, grouped)  # [B, H, Mu + 1]
+    index = plan.boundary.index
+    extra, _ = _boundary_partials(_BoundaryInputs.gather(q, k, v, plan), plan, scale)
+    merged, _ = _merge(_gather_rows(out, index), lse0, extra[0], extra[1])
+    return _write_boundary(out, merged, plan, inplace=False)
+
+
+def flash_available(q: torch.Tensor) -> bool:
+    """True when the CPU flash kernel with log-sum-exp can run level 0 of the fast path."""
+    return _FLASH_FORWARD is not None and q.device.type == "cpu" and q.dtype in _FLASH_DTYPES
+
+
+def fast_compact_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: MLSWAPlan,
+    scale: float | None = None,
+    level0: str = "auto",
+) -> torch.Tensor:
+    """Exact ML-SWA for training on head-major [B, H, N, D]: the output only (no lse).
+
+    ``level0``: ``"flash"`` (CPU flash kernel in a custom autograd function), ``"sdpa"`` (public
+    SDPA + autograd, any device), ``"explicit"`` (:func:`compact_attention`), or ``"auto"`` (flash
+    where available, else sdpa). Plans whose level 0 is not a prefix of the sequence use explicit.
+    """
+    _check_plan(q, plan)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    if level0 == "auto":
+        level0 = "flash" if flash_available(q) else "sdpa"
+    if level0 == "explicit" or not plan.levels[0].is_prefix:
+        return compact_attention(q, k, v, plan, scale).out
+    if level0 == "flash":
+        if not flash_available(q):
+            raise ValueError(
+                f"the flash level-0 path needs a CPU tensor of {_FLASH_DTYPES}, got {q.device} {q.dtype}"
+            )
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return _FlashCompact.apply(q, k, v, plan, scale)
+        return _flash_forward(q, k, v, plan, scale)[0]
+    if level0 == "sdpa":
+        return _sdpa_compact(q, k, v, plan, scale)
+    raise ValueError(f"unknown level0 path {level0!r} (expected auto, flash, sdpa or explicit)")
+
+
+# ----------------------------------------------------------------------------------------------
+# dense
+# ----------------------------------------------------------------------------------------------
 def dense_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,7 +744,161 @@ def dense_attention(
     return torch.matmul(probs, v), lse
 
 
-def choose_backend(seq_len: int, device: torch.device, requested: str = "auto") -> str:
+class DenseMask:
+    """The dense [B, N, N] mask of one batch and ``max_level``, with its SDPA forms cached per dtype."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+        has_key = mask.any(-1)  # [B, N]
+        self.empty_rows = None if bool(has_key.all()) else ~has_key[:, None, :, None]
+        self._additive: dict[torch.dtype, torch.Tensor] = {}
+
+    def additive(self, dtype: torch.dtype) -> torch.Tensor:
+        """[B, 1, N, N] float mask; rows without any key are opened (their output is zeroed later)."""
+        if dtype not in self._additive:
+            opened = self.mask if self.empty_rows is None else self.mask | self.empty_rows[:, 0]
+            add = torch.zeros(opened.shape, dtype=dtype, device=opened.device).masked_fill_(~opened, NEG_INF)
+            self._additive[dtype] = add[:, None]
+        return self._additive[dtype]
+
+
+def dense_sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: DenseMask | torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """One fused SDPA call with the dense mask; padding rows give exactly 0 (and no NaN gradient)."""
+    if not isinstance(mask, DenseMask):
+        mask = DenseMask(mask)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.additive(q.dtype), scale=scale)
+    if mask.empty_rows is not None:
+        out = out.masked_fill(mask.empty_rows, 0.0)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# flex (CUDA): extended keys
+# ----------------------------------------------------------------------------------------------
+FLEX_KEY_ALIGN = 128  # appended keys are padded to a multiple of this (fewer distinct compiled shapes)
+_COMPILED_FLEX: Any = None
+
+
+@dataclass
+class FlexPlan:
+    seq_len: int
+    batch_size: int
+    max_level: int
+    extended_index: torch.Tensor  # [B, X]: the position behind each appended key (0 on unused slots)
+    block_mask: Any  # torch.nn.attention.flex_attention.BlockMask over N queries x (N + X) keys
+    real: torch.Tensor  # [B, N]
+    mask_mod: Any = field(repr=False, default=None)
+
+
+def flex_mask_mod(
+    positions: HierarchicalPositions, windows: Sequence[int], max_level: int, extended_index, valid
+):
+    """FlexAttention ``mask_mod`` of ML-SWA over extended keys.
+
+    Key ``kv < N`` is allowed exactly when level 0 allows it; appended key ``N + j`` (a copy of the
+    token at ``extended_index[b, j]``) is allowed when a level >= 1 or the [DOC] rule allows that
+    token and level 0 does not, so that every allowed pair is counted once.
+    """
+    enums = level_enums(positions, windows)[: max_level + 1].contiguous()  # [l+1, B, N]
+    n = enums.shape[2]
+    wins = [int(w) for w in windows[: max_level + 1]]
+    doc = doc_rule_active(positions, windows, max_level)
+    top = level_enums(positions, windows)[len(windows) - 1].contiguous()
+    doc_real = enums[0][:, 0] != 0
+
+    def allowed(level, b, q_idx, key):
+        eq, ek = enums[level][b, q_idx], enums[level][b, key]
+        return (eq != 0) & (ek != 0) & ((eq - ek).abs() <= wins[level])
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        appended = kv_idx >= n
+        slot = (kv_idx - n).clamp(min=0)
+        key = torch.where(appended, extended_index[b, slot], kv_idx)
+        level0 = allowed(0, b, q_idx, key)
+        higher = torch.zeros_like(level0)
+        for level in range(1, max_level + 1):
+            higher = higher | allowed(level, b, q_idx, key)
+        if doc:
+            link = ((q_idx == 0) & (top[b, key] != 0)) | ((key == 0) & (top[b, q_idx] != 0))
+            higher = higher | (link & doc_real[b])
+        return torch.where(appended, higher & ~level0 & valid[b, slot], level0)
+
+    return mask_mod
+
+
+def build_flex_plan(
+    positions: HierarchicalPositions,
+    window_size_per_level: Sequence[int],
+    max_level: int | None = None,
+    compile_mask: bool | None = None,
+) -> FlexPlan:
+    """Extended keys and a BlockMask for one batch (shared by all layers and heads)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    positions = positions.batched()
+    windows = [int(w) for w in window_size_per_level]
+    max_level = resolve_max_level(windows, max_level)
+    enums = level_enums(positions, windows)
+    _, batch, n = enums.shape
+    part = (
+        (enums[1 : max_level + 1] != 0).any(0)
+        if max_level >= 1
+        else torch.zeros_like(enums[0], dtype=torch.bool)
+    )
+    if doc_rule_active(positions, windows, max_level):
+        part[:, 0] |= enums[0][:, 0] != 0
+    order, valid, _ = _compact_order(part, n)
+    if max_level == 0:
+        valid = torch.zeros_like(valid)
+    width = -(-order.shape[1] // FLEX_KEY_ALIGN) * FLEX_KEY_ALIGN
+    extended = F.pad(torch.where(valid, order, 0), (0, width - order.shape[1]))
+    valid = F.pad(valid, (0, width - valid.shape[1]))
+    mask_mod = flex_mask_mod(positions, windows, max_level, extended, valid)
+    device = enums.device
+    compile_mask = device.type == "cuda" if compile_mask is None else compile_mask
+    block_mask = create_block_mask(mask_mod, batch, None, n, n + width, device=device, _compile=compile_mask)
+    return FlexPlan(n, batch, max_level, extended, block_mask, enums[0] != 0, mask_mod)
+
+
+def flex_compact_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: FlexPlan,
+    scale: float | None = None,
+    compiled=None,
+) -> torch.Tensor:
+    """Exact ML-SWA with FlexAttention over extended keys (compiled once per process on CUDA)."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if compiled is None:
+        compiled = q.device.type == "cuda"
+    fn = flex_attention
+    if compiled:
+        if _COMPILED_FLEX is None:
+            _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+        fn = _COMPILED_FLEX
+    index = plan.extended_index[:, None, :, None].expand(q.shape[0], k.shape[1], -1, k.shape[3])
+    k_ext = torch.cat([k, torch.gather(k, 2, index)], 2)
+    v_ext = torch.cat([v, torch.gather(v, 2, index)], 2)
+    out = fn(q, k_ext, v_ext, block_mask=plan.block_mask, scale=scale)
+    return out.masked_fill(~plan.real[:, None, :, None], 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatch
+# ----------------------------------------------------------------------------------------------
+def choose_backend(seq_len: int, device: torch.device | str, requested: str = "auto") -> str:
+    """The backend that runs: ``requested``, or for ``auto`` dense on short sequences and compact above."""
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown attention backend {requested!r} (expected one of {', '.join(BACKENDS)})")
     if requested != "auto":
         return requested
     return "dense" if seq_len <= DENSE_AUTO_MAX_LEN else "compact"
@@ -307,28 +919,30 @@ def mlswa_attention(
     """Exact ML-SWA attention. q, k, v: [B, N, H, D] -> [B, N, H, D]; padding rows are zero.
 
     ``backend="compact"`` (default) is linear in N; ``"dense"`` materialises the [B, N, N] mask
-    (faster for short sequences); ``"auto"`` picks by length.
+    (faster for short sequences); ``"flex"`` uses FlexAttention (CUDA); ``"auto"`` picks by length.
     """
     if q.dim() != 4:
         raise ValueError(f"q, k, v must be [B, N, H, D], got q of shape {tuple(q.shape)}")
     positions = positions.batched()
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
     chosen = choose_backend(q.shape[1], q.device, backend)
-    if chosen == "dense":
-        mask = mlswa_dense_mask(positions, window_size_per_level, max_level)
-        out, _ = dense_attention(qh, kh, vh, mask, scale)
-    elif chosen == "compact":
+    if chosen == "compact":
         plan = plan or build_mlswa_plan(positions, window_size_per_level, max_level)
-        out = compact_attention(qh, kh, vh, plan, scale).out
+        out = fast_compact_attention(qh, kh, vh, plan, scale)
+    elif chosen == "dense":
+        out = dense_sdpa_attention(
+            qh, kh, vh, mlswa_dense_mask(positions, window_size_per_level, max_level), scale
+        )
     else:
-        raise ValueError(f"unknown attention backend {chosen!r} (expected auto, dense or compact)")
+        flex_plan = build_flex_plan(positions, window_size_per_level, max_level)
+        out = flex_compact_attention(qh, kh, vh, flex_plan, scale)
     return out.transpose(1, 2)
 
 
 class MLSWAContext:
     """Everything attention needs for one batch, prepared once and shared by every layer and head.
 
-    Plans (or dense masks) are built lazily per distinct ``max_level`` the layers ask for.
+    Plans (or dense masks, or flex block masks) are built lazily per distinct ``max_level``.
     """
 
     def __init__(
@@ -340,12 +954,16 @@ class MLSWAContext:
         self.positions = positions.batched()
         self.windows = [int(w) for w in window_size_per_level]
         self.backend = choose_backend(self.positions.seq_len, self.positions.device, backend)
-        self._prepared: dict[int, object] = {}
+        self._prepared: dict[int, Any] = {}
 
     def prepared(self, max_level: int):
         if max_level not in self._prepared:
             if self.backend == "dense":
-                self._prepared[max_level] = mlswa_dense_mask(self.positions, self.windows, max_level)
+                self._prepared[max_level] = DenseMask(
+                    mlswa_dense_mask(self.positions, self.windows, max_level)
+                )
+            elif self.backend == "flex":
+                self._prepared[max_level] = build_flex_plan(self.positions, self.windows, max_level)
             else:
                 self._prepared[max_level] = build_mlswa_plan(self.positions, self.windows, max_level)
         return self._prepared[max_level]
@@ -356,5 +974,7 @@ class MLSWAContext:
         """Head-major [B, H, N, D] -> [B, H, N, D]."""
         prepared = self.prepared(max_level)
         if self.backend == "dense":
-            return dense_attention(q, k, v, prepared, scale)[0]
-        return compact_attention(q, k, v, prepared, scale).out
+            return dense_sdpa_attention(q, k, v, prepared, scale)
+        if self.backend == "flex":
+            return flex_compact_attention(q, k, v, prepared, scale)
+        return fast_compact_attention(q, k, v, prepared, scale)
