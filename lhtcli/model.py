@@ -162,8 +162,13 @@ class LHTEncoder(nn.Module):
         labels: torch.Tensor | None = None,
         capture: bool = False,
         context: MLSWAContext | None = None,
+        return_logits: bool = True,
     ) -> LHTOutput:
-        """input_ids [B, N]; positions batched to [B, N]. ``capture`` keeps each layer's q and k."""
+        """input_ids [B, N]; positions batched to [B, N]. ``capture`` keeps each layer's q and k.
+
+        With ``return_logits=False`` (training) the MLM head runs only on the labelled positions,
+        about 15% of the tokens, and ``mlm_logits`` holds just those rows ([M, vocab]).
+        """
         positions = positions.batched()
         batch, n = input_ids.shape
         if positions.seq_len != n:
@@ -185,10 +190,15 @@ class LHTEncoder(nn.Module):
         hidden = self.final_norm(x)
         real = positions.real_mask[..., None]
         hidden = hidden * real  # padding carries no signal downstream
-        logits = self.mlm_head(hidden)
         loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+        if return_logits or labels is None:
+            logits = self.mlm_head(hidden)
+            if labels is not None:
+                loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+        else:
+            selected = labels != -100
+            logits = self.mlm_head(hidden[selected])
+            loss = F.cross_entropy(logits.float(), labels[selected])
         return LHTOutput(hidden, logits, loss, captures or [])
 
     def num_parameters(self, trainable_only: bool = True) -> int:

@@ -93,3 +93,15 @@ def test_rejects_too_long_sequence():
     p = positions_from_lengths([[20]])
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, p.seq_len, dtype=torch.long), p)
+
+
+def test_masked_only_head_gives_the_same_loss():
+    torch.manual_seed(0)
+    model = LHTEncoder(tiny_config()).eval()
+    ids, batch, _ = padded_batch()
+    labels = torch.full_like(ids, -100)
+    labels[:, 2:6] = ids[:, 2:6]
+    full = model(ids, batch, labels=labels)
+    masked = model(ids, batch, labels=labels, return_logits=False)
+    torch.testing.assert_close(masked.loss, full.loss)
+    assert masked.mlm_logits.shape == (int((labels != -100).sum()), 64)

@@ -236,7 +236,8 @@ class Trainer:
             sync = micro == accum - 1 or not self.dist.enabled
             with nullcontext() if sync else self.forward_model.no_sync():
                 with self.autocast():
-                    out = self.forward_model(batch.input_ids, batch.positions, labels=batch.labels)
+                    out = self.forward_model(batch.input_ids, batch.positions, labels=batch.labels,
+                                             return_logits=False)
                     loss = out.loss / accum
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += float(loss.detach())
