@@ -14,6 +14,7 @@ import torch
 
 from lhtcli.core.attention import (
     DENSE_AUTO_MAX_LEN,
+    DenseMask,
     MLSWAContext,
     build_flex_plan,
     build_mlswa_plan,
@@ -310,6 +311,16 @@ def test_flex_extended_keys_forward_matches_dense(windows, max_level, doc_token)
     want, _ = reference(q, k, v, positions, windows, max_level)
     assert relative_error(got, want) < 1e-12
     assert torch.all(got.transpose(1, 2)[~positions.real_mask] == 0)
+
+
+@pytest.mark.parametrize("doc_token", [True, False])
+def test_blocked_dense_mask_matches_definition(doc_token):
+    positions = make_positions(13, batch=3, doc_token=doc_token, pad=4, sections=(3, 9))
+    for windows in ([3, 1, 1], [0, 0, 0], [2, 1]):
+        for max_level in range(len(windows)):
+            want = mlswa_dense_mask(positions, windows, max_level)
+            got = DenseMask.from_positions(positions, windows, max_level, block_rows=7).mask
+            assert torch.equal(got, want), (windows, max_level)
 
 
 def test_auto_dispatch_by_length():

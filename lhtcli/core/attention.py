@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lhtcli.core.mask import doc_rule_active, level_enums, mlswa_dense_mask, resolve_max_level
+from lhtcli.core.mask import doc_rule_active, level_enums, resolve_max_level
 from lhtcli.core.positions import HierarchicalPositions
 
 NEG_INF = float("-inf")
@@ -134,6 +134,29 @@ def _allowed(eq: torch.Tensor, ek: torch.Tensor, window: int) -> torch.Tensor:
     return (eq != 0) & (ek != 0) & ((eq - ek).abs() <= window)
 
 
+def _band(e: torch.Tensor, valid: torch.Tensor, window: int, chunk: int, halo: int) -> torch.Tensor:
+    """Chunked band mask [B, nc, C, C + 2*halo] of one level: |e_q - e_k| <= window among participants.
+
+    ``e`` [B, M] increases along the valid slots, so each query's keys are one contiguous range of
+    compacted indices (found by binary search): two comparisons per pair instead of the arithmetic."""
+    batch, m = e.shape
+    window = min(window, 1 << 40)
+    big = torch.iinfo(torch.long).max // 4
+    keys = torch.where(valid, e, big)  # sorted, invalid slots last
+    lo = torch.searchsorted(keys, e - window, side="left")
+    hi = torch.searchsorted(keys, e + window, side="right")
+    lo = torch.where(valid, lo, m)  # invalid queries: empty range
+    nc = -(-m // chunk)
+    lo = F.pad(lo, (0, nc * chunk - m), value=m).view(batch, nc, chunk, 1)
+    hi = F.pad(hi, (0, nc * chunk - m), value=0).view(batch, nc, chunk, 1)
+    width = chunk + 2 * halo
+    key_index = (
+        torch.arange(width, device=e.device) - halo + chunk * torch.arange(nc, device=e.device)[:, None]
+    )
+    key_index = key_index[None, :, None, :]  # [1, nc, 1, K]
+    return (key_index >= lo) & (key_index < hi)
+
+
 def _compact_order(part: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Participants first, in position order: (order [B, M], valid [B, M], index [B, M] with N when empty)."""
     counts = part.sum(1)
@@ -167,11 +190,12 @@ def build_mlswa_plan(
         window = windows[level]
         chunk = _chunk_size(window, m, LEVEL0_MAX_CHUNK if level == 0 else MAX_CHUNK)
         halo = -(-window // chunk) * chunk
-        eq = _chunk_queries(ev[..., None], chunk)  # [l+1, B, nc, C, 1]
-        ek = _key_windows(ev[..., None], chunk, halo).transpose(-1, -2)  # [l+1, B, nc, 1, C+2h]
-        band = _allowed(eq[level], ek[level], window)
-        for lower in range(level):
-            band &= ~_allowed(eq[lower], ek[lower], windows[lower])
+        band = _band(ev[level], valid, window, chunk, halo)
+        if level:
+            eq = _chunk_queries(ev[:level, ..., None], chunk)  # [l, B, nc, C, 1]
+            ek = _key_windows(ev[:level, ..., None], chunk, halo).transpose(-1, -2)  # [l, B, nc, 1, C+2h]
+            for lower in range(level):
+                band &= ~_allowed(eq[lower], ek[lower], windows[lower])
         levels.append(LevelPlan(level, window, chunk, halo, m, index, is_prefix, band[:, None]))
 
     doc_link_mask = None
@@ -473,11 +497,13 @@ def _level0_mask(plan: MLSWAPlan, dtype: torch.dtype) -> torch.Tensor:
     (all zeros) so that no kernel sees a fully masked row; their outputs are zeroed afterwards."""
     key = ("level0_mask", dtype)
     if key not in plan.cache:
-        band = plan.levels[0].band_mask[:, 0]
-        band = band | ~band.any(-1, keepdim=True)
-        plan.cache[key] = torch.zeros(band.shape, dtype=dtype, device=band.device).masked_fill_(
-            ~band, NEG_INF
-        )
+        lp = plan.levels[0]
+        band = lp.band_mask[:, 0]
+        rows = lp.num_chunks * lp.chunk
+        no_key = F.pad(lp.index >= plan.seq_len, (0, rows - lp.num_participants), value=True)  # not real
+        band = band | no_key.view(band.shape[0], lp.num_chunks, lp.chunk, 1)
+        zero = torch.zeros((), dtype=dtype, device=band.device)
+        plan.cache[key] = torch.where(band, zero, torch.full_like(zero, NEG_INF))
     return plan.cache[key]
 
 
@@ -753,12 +779,43 @@ class DenseMask:
         self.empty_rows = None if bool(has_key.all()) else ~has_key[:, None, :, None]
         self._additive: dict[torch.dtype, torch.Tensor] = {}
 
+    @classmethod
+    def from_positions(
+        cls,
+        positions: HierarchicalPositions,
+        window_size_per_level: Sequence[int],
+        max_level: int | None = None,
+        block_rows: int = 512,
+    ) -> DenseMask:
+        """Build the mask in row blocks with int32 arithmetic (no [B, N, N] int64 temporaries)."""
+        windows = [int(w) for w in window_size_per_level]
+        max_level = resolve_max_level(windows, max_level)
+        all_enums = level_enums(positions, windows)
+        enums = all_enums[: max_level + 1].to(torch.int32)
+        _, batch, n = enums.shape
+        mask = torch.empty(batch, n, n, dtype=torch.bool, device=enums.device)
+        nonzero = enums != 0
+        for start in range(0, n, block_rows):
+            stop = min(n, start + block_rows)
+            block = None
+            for level in range(max_level + 1):
+                diff = (enums[level][:, start:stop, None] - enums[level][:, None, :]).abs_()
+                ok = (diff <= windows[level]).logical_and_(nonzero[level][:, start:stop, None])
+                ok.logical_and_(nonzero[level][:, None, :])
+                block = ok if block is None else block.logical_or_(ok)
+            mask[:, start:stop] = block
+        if doc_rule_active(positions, windows, max_level):
+            top = (all_enums[-1] != 0) & (all_enums[0][:, :1] != 0)  # top-level tokens of rows with a [DOC]
+            mask[:, 0, :] |= top
+            mask[:, :, 0] |= top
+        return cls(mask)
+
     def additive(self, dtype: torch.dtype) -> torch.Tensor:
         """[B, 1, N, N] float mask; rows without any key are opened (their output is zeroed later)."""
         if dtype not in self._additive:
             opened = self.mask if self.empty_rows is None else self.mask | self.empty_rows[:, 0]
-            add = torch.zeros(opened.shape, dtype=dtype, device=opened.device).masked_fill_(~opened, NEG_INF)
-            self._additive[dtype] = add[:, None]
+            zero = torch.zeros((), dtype=dtype, device=opened.device)
+            self._additive[dtype] = torch.where(opened, zero, torch.full_like(zero, NEG_INF))[:, None]
         return self._additive[dtype]
 
 
@@ -930,9 +987,8 @@ def mlswa_attention(
         plan = plan or build_mlswa_plan(positions, window_size_per_level, max_level)
         out = fast_compact_attention(qh, kh, vh, plan, scale)
     elif chosen == "dense":
-        out = dense_sdpa_attention(
-            qh, kh, vh, mlswa_dense_mask(positions, window_size_per_level, max_level), scale
-        )
+        mask = DenseMask.from_positions(positions, window_size_per_level, max_level)
+        out = dense_sdpa_attention(qh, kh, vh, mask, scale)
     else:
         flex_plan = build_flex_plan(positions, window_size_per_level, max_level)
         out = flex_compact_attention(qh, kh, vh, flex_plan, scale)
@@ -959,9 +1015,7 @@ class MLSWAContext:
     def prepared(self, max_level: int):
         if max_level not in self._prepared:
             if self.backend == "dense":
-                self._prepared[max_level] = DenseMask(
-                    mlswa_dense_mask(self.positions, self.windows, max_level)
-                )
+                self._prepared[max_level] = DenseMask.from_positions(self.positions, self.windows, max_level)
             elif self.backend == "flex":
                 self._prepared[max_level] = build_flex_plan(self.positions, self.windows, max_level)
             else:
