@@ -317,6 +317,10 @@ def _combine(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.
     return _merge(a[0], a[1], b[0], b[1])
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x [B, H, N, *D] at index [B, M] (N = empty -> row N-1, never used) -> [B, H, M, *D]."""
     batch, heads = x.shape[:2]
@@ -344,8 +348,10 @@ class _BoundaryInputs:
 
     @staticmethod
     def gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: MLSWAPlan) -> _BoundaryInputs:
-        levels = [tuple(_gather_rows(t, lp.index) for t in (q, k, v)) for lp in plan.levels[1:]]
-        doc = None if plan.doc_link_mask is None else (q[:, :, :1], k[:, :, :1], v[:, :, :1])
+        """Half-precision inputs are taken in float32: these few rows decide the merge weights."""
+        dtype = _compute_dtype(q.dtype)
+        levels = [tuple(_gather_rows(t, lp.index).to(dtype) for t in (q, k, v)) for lp in plan.levels[1:]]
+        doc = None if plan.doc_link_mask is None else tuple(t[:, :, :1].to(dtype) for t in (q, k, v))
         return _BoundaryInputs(levels, doc)
 
     def leaves(self) -> _BoundaryInputs:
@@ -424,7 +430,7 @@ def _write_boundary(x: torch.Tensor, rows: torch.Tensor, plan: MLSWAPlan, inplac
     assert br is not None
     heads = torch.arange(x.shape[1], device=x.device)[None, :]
     index = (br.batch_of_valid[:, None], heads, br.position_of_valid[:, None])
-    values = rows[br.batch_of_valid, :, br.slot_of_valid]  # [V, H, *D]
+    values = rows[br.batch_of_valid, :, br.slot_of_valid].to(x.dtype)  # [V, H, *D]
     return x.index_put_(index, values) if inplace else x.index_put(index, values)
 
 
@@ -562,7 +568,7 @@ def _flash_forward(q, k, v, plan: MLSWAPlan, scale: float):
         index = plan.boundary.index
         extra, _ = _boundary_partials(_BoundaryInputs.gather(q, k, v, plan), plan, scale)
         merged = _merge(_gather_rows(out, index), _gather_rows(lse, index), extra[0], extra[1].to(lse.dtype))
-        _write_boundary(out, merged[0].to(out.dtype), plan, inplace=True)
+        _write_boundary(out, merged[0], plan, inplace=True)
         _write_boundary(lse, merged[1], plan, inplace=True)
     return out, lse, kp, vp
 
@@ -644,10 +650,10 @@ def _boundary_backward(grad_out, q, k, v, out, lse, plan: MLSWAPlan, scale: floa
         level_grads = found[3 * i : 3 * i + 3]
         idx = lp.index.clamp(max=n - 1)[:, None, :, None].expand_as(level_grads[0])
         for acc, g in zip(grads, level_grads, strict=True):
-            acc.scatter_add_(2, idx, g)  # empty slots carry exact zeros
+            acc.scatter_add_(2, idx, g.to(acc.dtype))  # empty slots carry exact zeros
     if inputs.doc is not None:
         for acc, g in zip(grads, found[-3:], strict=True):
-            acc[:, :, :1] += g
+            acc[:, :, :1] += g.to(acc.dtype)
 
 
 def _sdpa_rows(plan: MLSWAPlan) -> dict[str, torch.Tensor]:
@@ -700,8 +706,9 @@ def _sdpa_compact(q, k, v, plan: MLSWAPlan, scale: float) -> torch.Tensor:
     rows = _sdpa_rows(plan)
     batch, heads, dim = q.shape[0], q.shape[1], q.shape[3]
     members = rows["members"][:, None, :, :, None].expand(batch, heads, -1, -1, dim)
-    q_rows = torch.gather(qc, 3, members)  # [B, H, nc, R, D]
-    blocks = kp.unflatten(2, (-1, chunk))  # [B, H, nc + width/C - 1, C, D]: non-overlapping key blocks
+    dtype = _compute_dtype(q.dtype)
+    q_rows = torch.gather(qc, 3, members).to(dtype)  # [B, H, nc, R, D]
+    blocks = kp.unflatten(2, (-1, chunk)).to(dtype)  # [B, H, nc + K/C - 1, C, D]: non-overlapping blocks
     scores = (
         torch.cat(
             [torch.matmul(q_rows, blocks[:, :, d : d + nc].transpose(-1, -2)) for d in range(width // chunk)],
@@ -838,7 +845,7 @@ def dense_sdpa_attention(
 # ----------------------------------------------------------------------------------------------
 # flex (CUDA): extended keys
 # ----------------------------------------------------------------------------------------------
-FLEX_KEY_ALIGN = 128  # appended keys are padded to a multiple of this (fewer distinct compiled shapes)
+FLEX_KEY_ALIGN = 128  # appended keys are padded to this times a power of two (few compiled shapes)
 _COMPILED_FLEX: Any = None
 
 
@@ -913,7 +920,9 @@ def build_flex_plan(
     order, valid, _ = _compact_order(part, n)
     if max_level == 0:
         valid = torch.zeros_like(valid)
-    width = -(-order.shape[1] // FLEX_KEY_ALIGN) * FLEX_KEY_ALIGN
+    width = FLEX_KEY_ALIGN
+    while width < order.shape[1]:  # powers of two: few distinct shapes for the compiled kernel
+        width *= 2
     extended = F.pad(torch.where(valid, order, 0), (0, width - order.shape[1]))
     valid = F.pad(valid, (0, width - valid.shape[1]))
     mask_mod = flex_mask_mod(positions, windows, max_level, extended, valid)
