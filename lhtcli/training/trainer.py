@@ -29,7 +29,7 @@ from lhtcli.training.data_setup import DataBundle, prepare_data
 from lhtcli.training.distributed import ShardedStream, init_distributed, shard
 from lhtcli.training.metrics import MetricsFile, evaluate_sums, metrics_from_sums, peak_memory_mb
 from lhtcli.training.progress import TrainingDisplay
-from lhtcli.training.schedule import make_scheduler
+from lhtcli.training.schedule import apply_lr
 
 
 class TrainingStopped(LHTError):
@@ -176,10 +176,16 @@ class Trainer:
             self.model.optimizer_groups(self.tcfg.weight_decay), lr=self.tcfg.learning_rate, betas=(0.9, 0.98),
             eps=1e-6,
         )
-        self.scheduler = make_scheduler(self.optimizer, self.tcfg)
         self.start_step = 0
+        self.elapsed_before = 0.0  # training seconds of earlier invocations (resume)
         if ckpt is not None:
             self._restore(ckpt)
+        limit = self.tcfg.time_limit_minutes
+        if limit is not None and self.elapsed_before >= 60 * limit:
+            raise ConfigError(
+                f"this run already trained for {self.elapsed_before / 60:.1f} min, its whole time limit "
+                f"({limit:g} min): pass a larger --time-limit to continue"
+            )
         if self.start_step >= self.tcfg.num_steps:
             raise ConfigError(
                 f"the checkpoint is already at step {self.start_step} and training.num_steps is "
@@ -197,6 +203,11 @@ class Trainer:
         self.visualizer = _make_visualizer(cfg, self.data, self.logger, self.console) if self.dist.is_main else None
         use_scaler = self.device.type == "cuda" and self.tcfg.mixed_precision == "fp16"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.invocation_start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Training seconds so far, across resumes (what the time limit and the schedule count)."""
+        return self.elapsed_before + time.perf_counter() - self.invocation_start
 
     def warn(self, message: str) -> None:
         self.console.print(f"[yellow]⚠ {message}[/yellow]")
@@ -207,7 +218,7 @@ class Trainer:
         if ckpt.optimizer_state:
             self.optimizer.load_state_dict(ckpt.optimizer_state)
         if ckpt.scheduler_state:
-            self.scheduler.load_state_dict(ckpt.scheduler_state)
+            self.elapsed_before = float(ckpt.scheduler_state.get("elapsed_seconds", 0.0))
         if ckpt.data_state:
             self.stream.load_state_dict(ckpt.data_state)
         restore_rng(ckpt.rng_state)
@@ -222,7 +233,7 @@ class Trainer:
         state = Checkpoint(
             step=step, config=self.cfg.model_copy(update={"model": self.model.cfg}),
             model_state=self.model.state_dict(), tokenizer_json=self.data.tokenizer.to_json_str(),
-            optimizer_state=self.optimizer.state_dict(), scheduler_state=self.scheduler.state_dict(),
+            optimizer_state=self.optimizer.state_dict(), scheduler_state={"elapsed_seconds": self.elapsed()},
             rng_state=rng_state(), data_state=self.stream.state_dict(), metrics=metrics,
         )
         return save_checkpoint(state, self.ckpt_dir, keep=self.tcfg.keep_checkpoints)
@@ -274,7 +285,7 @@ class Trainer:
         self.logger.log_config(self.cfg.to_dict())
         summary = TrainingSummary(steps=self.start_step, train_loss=None)
         best_val, bad_steps, last_saved = math.inf, 0, self.start_step
-        started = window_start = time.perf_counter()
+        started = window_start = self.invocation_start = time.perf_counter()
         window_tokens = tokens_total = 0
         params = [p for p in self.model.parameters() if p.requires_grad]
         step = self.start_step
@@ -286,7 +297,7 @@ class Trainer:
                     loss_sum, step_tokens, batch = self.accumulate()
                     step += 1
                     out_of_time = tcfg.time_limit_minutes is not None and (
-                        time.perf_counter() - started > 60 * tcfg.time_limit_minutes)
+                        self.elapsed() > 60 * tcfg.time_limit_minutes)
                     # One collective per step keeps every rank's decisions (skip, stop) identical.
                     loss_sum, step_tokens, out_of_time, stopping = self.dist.sum(
                         [loss_sum, step_tokens, float(out_of_time), float(stop.signum is not None)], self.device)
@@ -305,13 +316,12 @@ class Trainer:
                         self._skip(step, "gradient norm", grad_norm, bad_steps)
                         continue
                     bad_steps = 0
+                    lr = apply_lr(self.optimizer, tcfg, step - 1, self.elapsed())
                     if self.scaler:
                         self.scaler.step(self.optimizer)
                         self.scaler.update()
                     else:
                         self.optimizer.step()
-                    lr = self.scheduler.get_last_lr()[0]
-                    self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     window_tokens += int(step_tokens)
                     tokens_total += int(step_tokens)

@@ -1,0 +1,30 @@
+import pytest
+
+from lhtcli.config import TrainingConfig
+from lhtcli.training.schedule import lr_factor
+
+
+def test_warmup_then_linear_decay_to_the_floor():
+    cfg = TrainingConfig(num_steps=110, warmup_steps=10, lr_schedule="linear", min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(110, cfg) == pytest.approx(0.1)
+    assert lr_factor(500, cfg) == pytest.approx(0.1)
+
+
+def test_cosine_and_constant():
+    cosine = TrainingConfig(num_steps=102, warmup_steps=2, lr_schedule="cosine", min_lr_ratio=0.0)
+    assert lr_factor(52, cosine) == pytest.approx(0.5)
+    assert lr_factor(102, cosine) == pytest.approx(0.0, abs=1e-12)
+    constant = TrainingConfig(num_steps=100, warmup_steps=0, lr_schedule="constant")
+    assert lr_factor(99, constant) == 1.0
+
+
+def test_time_limit_drives_the_decay_when_it_runs_out_first():
+    cfg = TrainingConfig(num_steps=10_000, warmup_steps=0, lr_schedule="linear", min_lr_ratio=0.0,
+                         time_limit_minutes=2)
+    assert lr_factor(10, cfg, elapsed_seconds=60) == pytest.approx(0.5)
+    assert lr_factor(10, cfg, elapsed_seconds=120) == pytest.approx(0.0)
+    untimed = cfg.model_copy(update={"time_limit_minutes": None})
+    assert lr_factor(10, untimed, elapsed_seconds=120) == pytest.approx(1 - 10 / 10_000)
