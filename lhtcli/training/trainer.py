@@ -21,13 +21,14 @@ from lhtcli.model import LHTEncoder
 from lhtcli.training.checkpoint import (
     Checkpoint,
     check_model_compatible,
+    find_resume_checkpoint,
     load_checkpoint,
-    resolve_resume_path,
     save_checkpoint,
 )
 from lhtcli.training.data_setup import DataBundle, prepare_data
 from lhtcli.training.distributed import ShardedStream, init_distributed, shard
 from lhtcli.training.metrics import MetricsFile, evaluate_sums, metrics_from_sums, peak_memory_mb
+from lhtcli.training.preflight import check_disk_space, check_output_dirs
 from lhtcli.training.progress import TrainingDisplay
 from lhtcli.training.schedule import apply_lr
 
@@ -118,13 +119,14 @@ class Interrupted(LHTError):
         self.exit_code = 128 + signum
 
 
-def _load_resume(cfg: LHTConfig, resume: str | None) -> Checkpoint | None:
+def _load_resume(cfg: LHTConfig, resume: str | None, warn=None) -> Checkpoint | None:
+    """``auto``: the newest checkpoint of the run that verifies (None: start fresh); else the given file."""
     if resume is None:
         return None
-    path = resolve_resume_path(resume, cfg.checkpoint_dir())
-    if path is None:
+    ckpt = find_resume_checkpoint(cfg.checkpoint_dir(), warn) if resume == "auto" else load_checkpoint(resume)
+    if ckpt is None:
         return None
-    ckpt = load_checkpoint(path)
+    path = ckpt.path
     saved, current = ckpt.config.model.model_dump(), cfg.model.model_dump()
     for key in set(saved) | set(current):
         if key == "vocab_size" and current.get(key) is None:
@@ -165,7 +167,9 @@ class Trainer:
         self.device = self.dist.device(device)
         self.quiet = quiet or not self.dist.is_main
         self.console = console if console is not None and self.dist.is_main else Console(quiet=self.quiet)
-        ckpt = _load_resume(cfg, resume)
+        if self.dist.is_main:
+            check_output_dirs(cfg)
+        ckpt = _load_resume(cfg, resume, self.warn)
         seed_everything(cfg.seed)
         self.data = prepare_data(cfg, tokenizer_json=ckpt.tokenizer_json if ckpt else None,
                                  console=self.console, write_files=self.dist.is_main)
@@ -176,6 +180,8 @@ class Trainer:
             self.model.optimizer_groups(self.tcfg.weight_decay), lr=self.tcfg.learning_rate, betas=(0.9, 0.98),
             eps=1e-6,
         )
+        if self.dist.is_main:
+            check_disk_space(cfg.checkpoint_dir(), self.model, self.tcfg.keep_checkpoints, self.warn)
         self.start_step = 0
         self.elapsed_before = 0.0  # training seconds of earlier invocations (resume)
         if ckpt is not None:
@@ -210,6 +216,9 @@ class Trainer:
         return self.elapsed_before + time.perf_counter() - self.invocation_start
 
     def warn(self, message: str) -> None:
+        if self.console.quiet and self.dist.is_main:  # --quiet hides progress, never warnings
+            Console(stderr=True, highlight=False).print(f"[yellow]⚠ {message}[/yellow]", soft_wrap=True)
+            return
         self.console.print(f"[yellow]⚠ {message}[/yellow]")
 
     def _restore(self, ckpt: Checkpoint) -> None:
@@ -382,7 +391,17 @@ class Trainer:
     def _record(self, values: dict[str, float], step: int) -> None:
         self.logger.log_scalars(values, step)
         if self.metrics_file is not None:
-            self.metrics_file.write(step, values)
+            try:
+                self.metrics_file.write(step, values)
+            except OSError:  # the run directory vanished? recreate it once, else go on without the file
+                try:
+                    self.metrics_file.path.parent.mkdir(parents=True, exist_ok=True)
+                    self.metrics_file.write(step, values)
+                    self.warn(f"{self.metrics_file.path.parent} vanished at step {step}; recreated it")
+                except OSError as exc:
+                    self.warn(f"cannot write {self.metrics_file.path} ({exc.strerror or exc}); "
+                              "training continues without it")
+                    self.metrics_file = None
 
     def close(self) -> None:
         self.logger.close()
