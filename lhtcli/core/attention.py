@@ -45,8 +45,9 @@ NEG_INF = float("-inf")
 MAX_CHUNK = 128  # query rows per chunk at levels >= 1
 LEVEL0_MAX_CHUNK = 256  # level 0: the CPU flash kernel is much faster with >= 192 query rows per call
 MIN_CHUNK = 16
-# Below this many tokens one dense masked SDPA call beats the banded kernels on CPU (benchmarks/attention.py).
-DENSE_AUTO_MAX_LEN = 1024
+# auto runs dense up to this many tokens: one masked SDPA call beats the banded kernels below the
+# crossover measured on CPU by benchmarks/attention.py (dense is faster at 1024, compact at 1536).
+DENSE_AUTO_MAX_LEN = 1280
 BACKENDS = ("auto", "dense", "compact", "flex")
 
 _FLASH_FORWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -188,8 +189,9 @@ def build_mlswa_plan(
         if not bool(increasing.all()):
             raise ValueError(f"level {level} enumeration must increase along the sequence")
         window = windows[level]
-        chunk = _chunk_size(window, m, LEVEL0_MAX_CHUNK if level == 0 else MAX_CHUNK)
-        halo = -(-window // chunk) * chunk
+        reach = min(window, m)  # enumerations increase, so allowed keys lie within `window` slots
+        chunk = _chunk_size(reach, m, LEVEL0_MAX_CHUNK if level == 0 else MAX_CHUNK)
+        halo = -(-reach // chunk) * chunk
         band = _band(ev[level], valid, window, chunk, halo)
         if level:
             eq = _chunk_queries(ev[:level, ..., None], chunk)  # [l, B, nc, C, 1]
