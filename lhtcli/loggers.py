@@ -56,28 +56,47 @@ class NullLogger:
 class TensorBoardLogger:
     name = "tensorboard"
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, on_warning=warnings.warn) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir = log_dir
+        self._warn = on_warning
+        self._writer_class = SummaryWriter
         self.writer = SummaryWriter(log_dir=str(log_dir))
 
+    def _live_writer(self):
+        """The writer, reopened in a recreated directory if the old one vanished (its events went with it).
+
+        Without this check a deleted directory swallows every later event silently: the open file lives on.
+        """
+        if not self.log_dir.is_dir():
+            try:
+                self.writer.close()
+            except Exception:  # noqa: BLE001 - the old file is gone anyway
+                pass
+            self.log_dir.mkdir(parents=True, exist_ok=True)  # an OSError here drops this backend (FanOutLogger)
+            self.writer = self._writer_class(log_dir=str(self.log_dir))
+            self._warn(f"the TensorBoard directory {self.log_dir} vanished; recreated it and logging continues "
+                       "there (earlier events were deleted with it)")
+        return self.writer
+
     def log_scalars(self, values: dict[str, float], step: int) -> None:
+        writer = self._live_writer()
         for tag, value in values.items():
-            self.writer.add_scalar(tag, float(value), step)
+            writer.add_scalar(tag, float(value), step)
 
     def log_figure(self, tag: str, figure: Any, step: int) -> None:
-        self.writer.add_figure(tag, figure, step, close=False)
+        self._live_writer().add_figure(tag, figure, step, close=False)
 
     def log_table(self, tag: str, columns: list[str], rows: list[list[str]], step: int) -> None:
-        self.writer.add_text(tag, markdown_table(columns, rows), step)
+        self._live_writer().add_text(tag, markdown_table(columns, rows), step)
 
     def log_text(self, tag: str, text: str, step: int) -> None:
-        self.writer.add_text(tag, text, step)
+        self._live_writer().add_text(tag, text, step)
 
     def log_config(self, config: dict[str, Any]) -> None:
-        self.writer.add_text("config", "```json\n" + json.dumps(config, indent=2) + "\n```", 0)
+        self._live_writer().add_text("config", "```json\n" + json.dumps(config, indent=2) + "\n```", 0)
 
     def close(self) -> None:
         self.writer.flush()
@@ -177,12 +196,23 @@ class FanOutLogger:
 
 
 def create_logger(config: LHTConfig, backend: str | None = None, on_warning=warnings.warn) -> FanOutLogger:
-    """The loggers ``logging.backend`` asks for, writing under ``runs/{experiment_name}``."""
+    """The loggers ``logging.backend`` asks for, writing under ``runs/{experiment_name}``.
+
+    A backend that cannot start (W&B unreachable or not installed, ...) is left out with a warning:
+    metrics.jsonl and checkpoints still record the run.
+    """
     backend = backend or config.logging.backend
     run_dir = config.run_dir()
     backends: list[Any] = []
+    factories = []
     if backend in ("tensorboard", "both"):
-        backends.append(TensorBoardLogger(run_dir))
+        factories.append(("tensorboard", lambda: TensorBoardLogger(run_dir, on_warning)))
     if backend in ("wandb", "both"):
-        backends.append(WandbLogger(config, run_dir, on_warning))
+        factories.append(("wandb", lambda: WandbLogger(config, run_dir, on_warning)))
+    for name, factory in factories:
+        try:
+            backends.append(factory())
+        except Exception as exc:  # noqa: BLE001 - a logger must never keep a run from starting
+            message = str(exc).splitlines()[0] if str(exc) else ""
+            on_warning(f"{name} logging could not start ({type(exc).__name__}: {message}); continuing without it")
     return FanOutLogger(backends, on_warning)

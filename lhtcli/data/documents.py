@@ -315,6 +315,16 @@ def load_document_file(path: str | Path) -> Document:
     return parse_document(obj, str(path))
 
 
+def _non_empty(documents: Iterator[Document], message: str) -> Iterator[Document]:
+    """Pass ``documents`` through; a DataError with ``message`` when there are none at all."""
+    empty = True
+    for document in documents:
+        empty = False
+        yield document
+    if empty:
+        raise DataError(message)
+
+
 def iter_corpus(data_cfg: DataConfig, report: BadRecordReport | None = None) -> Iterator[Document]:
     """The documents named by ``data.path``: ``builtin``, a .jsonl file or a folder of .txt/.md files.
 
@@ -332,11 +342,16 @@ def iter_corpus(data_cfg: DataConfig, report: BadRecordReport | None = None) -> 
     if path.is_dir():
         if not text_files(path):
             raise DataError(f"data.path {data_cfg.path!r} is a folder without .txt or .md files")
-        return read_text_folder(path)
+        return _non_empty(read_text_folder(path), f"data.path {data_cfg.path!r}: no .txt/.md file in it has text")
     if path.suffix.lower() == ".jsonl":
-        return read_jsonl(path, data_cfg.text_field, data_cfg.skip_bad_records, report)
+        documents = read_jsonl(path, data_cfg.text_field, data_cfg.skip_bad_records, report)
+        return _non_empty(documents, f"data.path {data_cfg.path!r} holds no documents (the file is empty, has only "
+                                     "blank lines or every record was skipped)")
     if path.suffix.lower() in TEXT_SUFFIXES:
-        return iter([d for d in [parse_text(_read_text_file(path), path.suffix.lower() == ".md")] if d])
+        document = parse_text(_read_text_file(path), path.suffix.lower() == ".md")
+        if not document:
+            raise DataError(f"data.path {data_cfg.path!r} has no text")
+        return iter([document])
     raise DataError(
         f"data.path {data_cfg.path!r} is neither a .jsonl file nor a folder; give a .jsonl file, "
         "a folder of .txt/.md files or 'builtin'"
