@@ -215,14 +215,18 @@ class LHTTokenizer:
     def from_file(cls, path: str | Path) -> LHTTokenizer:
         """Load a Hugging Face ``tokenizer.json``."""
         path = Path(path)
+        if path.is_dir():
+            raise DataError(f"data.tokenizer {path} is a directory; give the tokenizer.json file inside it")
         if not path.is_file():
             raise DataError(
                 f"tokenizer file not found: {path}; give a Hugging Face tokenizer.json or data.tokenizer: train"
             )
         try:
             text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
+        except UnicodeDecodeError:
             raise DataError(f"{path} is not a tokenizer.json (not UTF-8 text)") from None
+        except OSError as exc:
+            raise DataError(f"cannot read tokenizer file {path}: {exc.strerror or exc}") from None
         return cls.from_json_str(text, source=str(path))
 
     @classmethod
