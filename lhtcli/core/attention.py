@@ -252,42 +252,24 @@ def _masked_softmax_parts(scores: torch.Tensor, mask: torch.Tensor) -> tuple[tor
     return weights / total_safe, lse.squeeze(-1)
 
 
-def _partial(
-    scores: torch.Tensor, mask: torch.Tensor, values, offset: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One softmax partial over masked ``scores [..., R, K]``; ``values(weights) -> [..., R, D]``.
-
-    Without ``offset``: (normalised output, lse). With ``offset [..., R]`` (the rows' final lse):
-    (sum_k exp(s - offset) v_k, sum_k exp(s - offset)); the gradient of
-    ``<dO, first> - <D, second>`` is the exact backward of these pairs (see :class:`_FlashCompact`).
-    """
-    if offset is None:
-        probs, lse = _masked_softmax_parts(scores, mask)
-        return values(probs), lse
-    weights = torch.exp(scores.masked_fill(~mask, NEG_INF) - offset[..., None])
-    return values(weights), weights.sum(-1)
+def _partial(scores: torch.Tensor, mask: torch.Tensor, values) -> tuple[torch.Tensor, torch.Tensor]:
+    """One softmax partial over masked ``scores [..., R, K]``: (values(probabilities), lse)."""
+    probs, lse = _masked_softmax_parts(scores, mask)
+    return values(probs), lse
 
 
 def _band_partial(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    lp: LevelPlan,
-    scale: float,
-    offset: torch.Tensor | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lp: LevelPlan, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Banded attention of compacted [B, H, M, D] tensors -> ([B, H, M, D], [B, H, M]); see _partial."""
+    """Banded attention of compacted [B, H, M, D] tensors -> (out [B, H, M, D], lse [B, H, M])."""
     batch, heads, m, dim = q.shape
     qc = _chunk_queries(q, lp.chunk)  # [B, H, nc, C, D]
     kw = _key_windows(k, lp.chunk, lp.halo)  # [B, H, nc, K, D]
     vw = _key_windows(v, lp.chunk, lp.halo)
     scores = torch.matmul(qc, kw.transpose(-1, -2)) * scale
-    chunk_offset = None if offset is None else _chunk_queries(offset[..., None], lp.chunk)[..., 0]
-    out, lse = _partial(scores, lp.band_mask, lambda w: torch.matmul(w, vw), chunk_offset)
-    nc = qc.shape[2]
-    return out.reshape(batch, heads, nc * lp.chunk, dim)[:, :, :m], lse.reshape(batch, heads, nc * lp.chunk)[
-        :, :, :m
-    ]
+    out, lse = _partial(scores, lp.band_mask, lambda w: torch.matmul(w, vw))
+    rows = qc.shape[2] * lp.chunk
+    return out.reshape(batch, heads, rows, dim)[:, :, :m], lse.reshape(batch, heads, rows)[:, :, :m]
 
 
 def _logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -310,13 +292,6 @@ def _merge(
     wa = torch.exp(lse_a - lse_safe)[..., None]
     wb = torch.exp(lse_b - lse_safe)[..., None]
     return wa * out_a + wb * out_b, lse
-
-
-def _combine(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], summed: bool):
-    """Merge two partials; in offset mode (``summed``) they are plain sums."""
-    if summed:
-        return a[0] + b[0], a[1] + b[1]
-    return _merge(a[0], a[1], b[0], b[1])
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -356,57 +331,42 @@ class _BoundaryInputs:
         doc = None if plan.doc_link_mask is None else tuple(t[:, :, :1].to(dtype) for t in (q, k, v))
         return _BoundaryInputs(levels, doc)
 
-    def leaves(self) -> _BoundaryInputs:
-        """Detached copies that require grad (for the backward's surrogate)."""
-        levels = [tuple(t.detach().requires_grad_(True) for t in lv) for lv in self.levels]
-        doc = None if self.doc is None else tuple(t.detach().requires_grad_(True) for t in self.doc)
-        return _BoundaryInputs(levels, doc)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for lv in self.levels for t in lv] + list(self.doc or ())
-
 
 def _boundary_partials(
     inputs: _BoundaryInputs,
     plan: MLSWAPlan,
     scale: float,
-    offset: torch.Tensor | None = None,
     collect_levels: bool = False,
+    band=None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], list[torch.Tensor]]:
     """The pairs that levels >= 1 and the ``[DOC]`` rule add, on the boundary rows ([B, H, Mu + 1]).
 
-    Returns ((out, lse) of their softmax, or the offset sums, see :func:`_partial`), and with
-    ``collect_levels`` each level's lse on the boundary rows (the ``[DOC]`` links in the top level).
+    Returns (out, lse) of their softmax and, with ``collect_levels``, each level's lse on the
+    boundary rows (the ``[DOC]`` links in the top level). ``band(q, k, v, level_plan, scale)`` computes
+    a level's banded partial (default: explicit matmuls).
     """
     assert plan.boundary is not None
+    band = band or _band_partial
     slots = plan.boundary.count + 1
-    summed = offset is not None
     total: tuple[torch.Tensor, torch.Tensor] | None = None
     level_lse: list[torch.Tensor] = []
     for lp, (ql, kl, vl) in zip(plan.levels[1:], inputs.levels, strict=True):
         assert lp.to_boundary is not None
-        off = (
-            None
-            if offset is None
-            else torch.gather(offset, 2, lp.to_boundary[:, None].expand(-1, ql.shape[1], -1))
-        )
-        part = _band_partial(ql, kl, vl, lp, scale, off)
+        part = band(ql, kl, vl, lp, scale)
         if inputs.doc is not None and lp is plan.levels[-1]:
-            part = _combine(part, _doc_column(ql, *inputs.doc[1:], plan.doc_link_mask, scale, off), summed)
-        fill = 0.0 if summed else NEG_INF
+            part = _merge(*part, *_doc_column(ql, *inputs.doc[1:], plan.doc_link_mask, scale))
         part = (
             _to_slots(part[0], lp.to_boundary, slots, 0.0),
-            _to_slots(part[1], lp.to_boundary, slots, fill),
+            _to_slots(part[1], lp.to_boundary, slots, NEG_INF),
         )
-        total = part if total is None else _combine(total, part, summed)
+        total = part if total is None else _merge(*total, *part)
         if collect_levels:
             level_lse.append(part[1])
     assert total is not None
     if inputs.doc is not None:
         _, k_top, v_top = inputs.levels[-1]
-        off = None if offset is None else offset[:, :, :1]
-        row = _doc_row(inputs.doc[0], k_top, v_top, plan.doc_link_mask, scale, off)  # [DOC] is slot 0
-        first = _combine((total[0][:, :, :1], total[1][:, :, :1]), row, summed)
+        row = _doc_row(inputs.doc[0], k_top, v_top, plan.doc_link_mask, scale)  # [DOC] is slot 0
+        first = _merge(total[0][:, :, :1], total[1][:, :, :1], *row)
         total = (torch.cat([first[0], total[0][:, :, 1:]], 2), torch.cat([first[1], total[1][:, :, 1:]], 2))
         if collect_levels:
             top = level_lse[-1]
@@ -414,16 +374,16 @@ def _boundary_partials(
     return total, level_lse
 
 
-def _doc_column(q_top, k_doc, v_doc, mask: torch.Tensor, scale: float, offset: torch.Tensor | None):
+def _doc_column(q_top, k_doc, v_doc, mask: torch.Tensor, scale: float):
     """Top-level queries may also see [DOC] (its key and value k_doc, v_doc [B, H, 1, D])."""
     scores = (q_top * k_doc).sum(-1, keepdim=True) * scale  # [B, H, Mt, 1]
-    return _partial(scores, mask[..., None], lambda w: w * v_doc, offset)
+    return _partial(scores, mask[..., None], lambda w: w * v_doc)
 
 
-def _doc_row(q_doc, k_top, v_top, mask: torch.Tensor, scale: float, offset: torch.Tensor | None):
+def _doc_row(q_doc, k_top, v_top, mask: torch.Tensor, scale: float):
     """[DOC]'s own partial over every top-level participant: ([B, H, 1, D], [B, H, 1])."""
     scores = torch.matmul(q_doc, k_top.transpose(-1, -2)) * scale  # [B, H, 1, Mt]
-    return _partial(scores, mask[:, :, None, :], lambda w: torch.matmul(w, v_top), offset)
+    return _partial(scores, mask[:, :, None, :], lambda w: torch.matmul(w, v_top))
 
 
 def _write_boundary(x: torch.Tensor, rows: torch.Tensor, plan: MLSWAPlan, inplace: bool) -> torch.Tensor:
@@ -494,25 +454,41 @@ def compact_attention(
 # ----------------------------------------------------------------------------------------------
 # fast path: level 0 through the fused kernel
 # ----------------------------------------------------------------------------------------------
-def _level0_geometry(plan: MLSWAPlan) -> tuple[int, int, int, int]:
-    """(chunk C, halo, number of chunks nc, window K) of the level-0 band."""
-    lp = plan.levels[0]
+def _geometry(lp: LevelPlan) -> tuple[int, int, int, int]:
+    """(chunk C, halo, number of chunks nc, key window K) of a level's band."""
     return lp.chunk, lp.halo, lp.num_chunks, lp.chunk + 2 * lp.halo
 
 
-def _level0_mask(plan: MLSWAPlan, dtype: torch.dtype) -> torch.Tensor:
-    """Additive level-0 band mask [B, nc, C, K] of ``dtype``; rows with no key (padding) are opened
-    (all zeros) so that no kernel sees a fully masked row; their outputs are zeroed afterwards."""
-    key = ("level0_mask", dtype)
+def _rows_with_keys(plan: MLSWAPlan, level: int) -> torch.Tensor:
+    """[B, nc*C]: rows (in the level's compacted order, chunk-padded) that have a key at this level."""
+    key = ("rows_with_keys", level)
     if key not in plan.cache:
-        lp = plan.levels[0]
+        lp = plan.levels[level]
+        if level == 0:  # every real token sees itself
+            rows = lp.num_chunks * lp.chunk
+            has = F.pad(lp.index < plan.seq_len, (0, rows - lp.num_participants), value=False)
+        else:
+            has = lp.band_mask.any(-1).flatten(1)
+        plan.cache[key] = (has, bool(has[:, : lp.num_participants].all()))
+    return plan.cache[key]
+
+
+def _level_mask(plan: MLSWAPlan, level: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive band mask [B, nc, C, K] of ``dtype``; rows with no key at this level are opened (all
+    zeros) so that no kernel sees a fully masked row: their lse is set to -inf afterwards."""
+    key = ("mask", level, dtype)
+    if key not in plan.cache:
+        lp = plan.levels[level]
         band = lp.band_mask[:, 0]
-        rows = lp.num_chunks * lp.chunk
-        no_key = F.pad(lp.index >= plan.seq_len, (0, rows - lp.num_participants), value=True)  # not real
-        band = band | no_key.view(band.shape[0], lp.num_chunks, lp.chunk, 1)
+        has, _ = _rows_with_keys(plan, level)
+        band = band | ~has.view(band.shape[0], lp.num_chunks, lp.chunk, 1)
         zero = torch.zeros((), dtype=dtype, device=band.device)
         plan.cache[key] = torch.where(band, zero, torch.full_like(zero, NEG_INF))
     return plan.cache[key]
+
+
+def _level0_mask(plan: MLSWAPlan, dtype: torch.dtype) -> torch.Tensor:
+    return _level_mask(plan, 0, dtype)
 
 
 def _rows_to_chunks(x: torch.Tensor, chunk: int, nc: int, fill: float = 0.0) -> torch.Tensor:
@@ -534,69 +510,120 @@ def _chunks_to_rows(x: torch.Tensor, n: int, fill: float = 0.0) -> torch.Tensor:
     return F.pad(x, pad, value=fill)
 
 
-def _padded_keys(x: torch.Tensor, plan: MLSWAPlan) -> torch.Tensor:
-    """[B, H, N, D] -> [B, H, nc*C + 2*halo, D]: the level-0 key rows with the halo on both sides."""
-    chunk, halo, nc, _ = _level0_geometry(plan)
+def _padded_keys(x: torch.Tensor, lp: LevelPlan) -> torch.Tensor:
+    """[B, H, M, D] -> [B, H, nc*C + 2*halo, D]: a level's key rows with the halo on both sides."""
+    chunk, halo, nc, _ = _geometry(lp)
     rows = nc * chunk
     x = x[:, :, :rows]
-    return F.pad(x, (0, 0, halo, halo + rows - x.shape[2]))
+    body = x.shape[2]
+    padded = x.new_empty(x.shape[0], x.shape[1], rows + 2 * halo, x.shape[3])  # no fill of the body
+    padded[:, :, :halo] = 0
+    padded[:, :, halo : halo + body] = x
+    padded[:, :, halo + body :] = 0
+    return padded
 
 
-def _windows(padded: torch.Tensor, plan: MLSWAPlan) -> torch.Tensor:
-    chunk, _, _, width = _level0_geometry(plan)
+def _windows(padded: torch.Tensor, lp: LevelPlan) -> torch.Tensor:
+    chunk, _, _, width = _geometry(lp)
     return padded.unfold(2, width, chunk).transpose(-1, -2)  # [B, H, nc, K, D], a view
-
-
-def _flash_forward(q, k, v, plan: MLSWAPlan, scale: float):
-    """Exact ML-SWA forward with the CPU flash kernel for level 0.
-
-    Returns (out [B, H, N, D], lse [B, H, N], padded keys, padded values)."""
-    n = plan.seq_len
-    chunk, _, nc, _ = _level0_geometry(plan)
-    mask = _level0_mask(plan, q.dtype)
-    qc = _rows_to_chunks(q, chunk, nc)
-    kp, vp = _padded_keys(k, plan), _padded_keys(v, plan)
-    kw, vw = _windows(kp, plan), _windows(vp, plan)
-    parts = [
-        _FLASH_FORWARD(qc[b], kw[b], vw[b], 0.0, False, attn_mask=mask[b : b + 1], scale=scale)
-        for b in range(q.shape[0])
-    ]
-    out = _chunks_to_rows(_stack([p[0] for p in parts]), n).contiguous()
-    lse = _chunks_to_rows(_stack([p[1] for p in parts]), n).contiguous()
-    if plan.has_padding:
-        out.masked_fill_(~plan.real[:, None, :, None], 0.0)
-        lse.masked_fill_(~plan.real[:, None, :], NEG_INF)
-    if plan.boundary is not None:
-        index = plan.boundary.index
-        extra, _ = _boundary_partials(_BoundaryInputs.gather(q, k, v, plan), plan, scale)
-        merged = _merge(_gather_rows(out, index), _gather_rows(lse, index), extra[0], extra[1].to(lse.dtype))
-        _write_boundary(out, merged[0], plan, inplace=True)
-        _write_boundary(lse, merged[1], plan, inplace=True)
-    return out, lse, kp, vp
 
 
 def _stack(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0][None] if len(parts) == 1 else torch.stack(parts)
 
 
-def _fold_windows(grad: torch.Tensor, plan: MLSWAPlan, n: int) -> torch.Tensor:
-    """Sum the gradients of overlapping key windows [B, H, nc, K, D] back onto rows [B, H, N, D]."""
-    chunk, halo, nc, width = _level0_geometry(plan)
+def _flash_band(q, k, v, plan: MLSWAPlan, level: int, scale: float):
+    """One level's banded attention in the CPU flash kernel, on its rows in compacted order
+    ([B, H, M, D]; level 0: all N positions). Returns (out, lse, padded keys, padded values); rows
+    with no key at this level get out 0 and lse -inf."""
+    lp = plan.levels[level]
+    m = q.shape[2]
+    chunk, _, nc, _ = _geometry(lp)
+    mask = _level_mask(plan, level, q.dtype)
+    qc = _rows_to_chunks(q, chunk, nc)
+    kp, vp = _padded_keys(k, lp), _padded_keys(v, lp)
+    kw, vw = _windows(kp, lp), _windows(vp, lp)
+    parts = [
+        _FLASH_FORWARD(qc[b], kw[b], vw[b], 0.0, False, attn_mask=mask[b : b + 1], scale=scale)
+        for b in range(q.shape[0])
+    ]
+    out = _chunks_to_rows(_stack([p[0] for p in parts]), m).contiguous()
+    lse = _chunks_to_rows(_stack([p[1] for p in parts]), m).contiguous()
+    has, everywhere = _rows_with_keys(plan, level)
+    if not everywhere or m > has.shape[1]:
+        has = (has[:, :m] if has.shape[1] >= m else F.pad(has, (0, m - has.shape[1]), value=False))[:, None]
+        out.masked_fill_(~has[..., None], 0.0)
+        lse.masked_fill_(~has, NEG_INF)
+    return out, lse, kp, vp
+
+
+def _flash_band_backward(grad_out, q, kp, vp, out, lse, plan: MLSWAPlan, level: int, scale: float):
+    """Gradients (dq [B, H, M, D], dk, dv) of one level's pairs within the *merged* softmax: the
+    kernel gets the merged output and lse (the split-KV identity), rows without a key here lse +inf."""
+    lp = plan.levels[level]
+    m = q.shape[2]
+    chunk, halo, nc, width = _geometry(lp)
+    mask = _level_mask(plan, level, q.dtype)
+    has, _ = _rows_with_keys(plan, level)
+    lc = _rows_to_chunks(lse, chunk, nc, fill=math.inf)
+    lc = lc.masked_fill(~has.view(has.shape[0], 1, nc, chunk), math.inf)
+    qc, gc, oc = (_rows_to_chunks(t, chunk, nc) for t in (q, grad_out, out))
+    kw, vw = _windows(kp, lp), _windows(vp, lp)
+    parts = [
+        _FLASH_BACKWARD(
+            gc[b], qc[b], kw[b], vw[b], oc[b], lc[b], 0.0, False, attn_mask=mask[b : b + 1], scale=scale
+        )
+        for b in range(q.shape[0])
+    ]
+    dq = _chunks_to_rows(_stack([p[0] for p in parts]), m)
+    if not dq.is_contiguous():
+        dq = dq.contiguous()
+    return (
+        dq,
+        _fold_windows(_stack([p[1] for p in parts]), lp, m),
+        _fold_windows(_stack([p[2] for p in parts]), lp, m),
+    )
+
+
+def _fold_windows(grad: torch.Tensor, lp: LevelPlan, m: int) -> torch.Tensor:
+    """Sum the gradients of overlapping key windows [B, H, nc, K, D] back onto rows [B, H, M, D]."""
+    chunk, halo, nc, width = _geometry(lp)
     blocks = width // chunk
-    padded = F.pad(grad[:, :, :, :chunk], (0, 0, 0, 0, 0, blocks - 1))  # [B, H, nc + blocks - 1, C, D]
+    batch, heads, _, _, dim = grad.shape
+    padded = grad.new_empty(batch, heads, nc + blocks - 1, chunk, dim)
+    padded[:, :, :nc] = grad[:, :, :, :chunk]
+    padded[:, :, nc:] = 0
     for d in range(1, blocks):
         padded[:, :, d : d + nc] += grad[:, :, :, d * chunk : (d + 1) * chunk]
-    return _chunks_to_rows(padded, halo + n)[:, :, halo:]
+    return _chunks_to_rows(padded, halo + m)[:, :, halo:]
+
+
+def _flash_forward(q, k, v, plan: MLSWAPlan, scale: float):
+    """Exact ML-SWA forward with every level's band in the CPU flash kernel: (out [B, H, N, D],
+    lse [B, H, N], padded level-0 keys and values)."""
+    out, lse, kp, vp = _flash_band(q, k, v, plan, 0, scale)
+    if plan.boundary is not None:
+        index = plan.boundary.index
+        inputs = _BoundaryInputs.gather(q, k, v, plan)
+
+        def band(ql, kl, vl, lp, scale):
+            return _flash_band(ql, kl, vl, plan, lp.level, scale)[:2]
+
+        extra, _ = _boundary_partials(inputs, plan, scale, band=band)
+        merged = _merge(_gather_rows(out, index), _gather_rows(lse, index), extra[0], extra[1].to(lse.dtype))
+        _write_boundary(out, merged[0], plan, inplace=True)
+        _write_boundary(lse, merged[1], plan, inplace=True)
+    return out, lse, kp, vp
 
 
 class _FlashCompact(torch.autograd.Function):
-    """Exact ML-SWA whose level 0 runs in the CPU flash kernel, forward and backward.
+    """Exact ML-SWA with every level's band in the CPU flash kernel, forward and backward.
 
-    Backward uses the split-KV identity: for the level-0 keys of a row, the exact gradient of the
-    *whole* softmax is what the flash backward kernel computes when handed the merged output O and
-    merged lse (p = exp(s - lse) is then the global probability and D = rowsum(dO * O) the global
-    one). The few pairs of levels >= 1 and of the [DOC] rule get theirs from autograd through
-    ``<dO, sum_k p_k v_k> - <D, sum_k p_k>`` on the boundary rows (p_k = exp(s_k - lse), lse fixed).
+    The backward uses the split-KV identity: for the keys of one partial (a level's band), the exact
+    gradient of the *whole* softmax is what the flash backward kernel computes when handed the
+    merged output O and merged lse (p = exp(s - lse) is then the global probability and
+    D = rowsum(dO * O) the global one). So each level runs one backward kernel call on its own rows,
+    and the two tiny [DOC] partials get theirs in closed form.
     """
 
     @staticmethod
@@ -610,52 +637,49 @@ class _FlashCompact(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, kp, vp, out, lse = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.scale
-        n = plan.seq_len
-        chunk, _, nc, _ = _level0_geometry(plan)
-        mask = _level0_mask(plan, q.dtype)
-        kernel_lse = lse.masked_fill(~plan.real[:, None, :], math.inf) if plan.has_padding else lse
-        qc, gc, oc = (_rows_to_chunks(t, chunk, nc) for t in (q, grad_out, out))
-        lc = _rows_to_chunks(kernel_lse, chunk, nc, fill=math.inf)
-        kw, vw = _windows(kp, plan), _windows(vp, plan)
-        parts = [
-            _FLASH_BACKWARD(
-                gc[b], qc[b], kw[b], vw[b], oc[b], lc[b], 0.0, False, attn_mask=mask[b : b + 1], scale=scale
-            )
-            for b in range(q.shape[0])
-        ]
-        dq = _chunks_to_rows(_stack([p[0] for p in parts]), n)
-        if dq.shape[2] != n or not dq.is_contiguous():
-            dq = dq.contiguous()
-        dk = _fold_windows(_stack([p[1] for p in parts]), plan, n)
-        dv = _fold_windows(_stack([p[2] for p in parts]), plan, n)
+        dq, dk, dv = _flash_band_backward(grad_out, q, kp, vp, out, lse, plan, 0, scale)
         if plan.boundary is not None:
             _boundary_backward(grad_out, q, k, v, out, lse, plan, scale, (dq, dk, dv))
         return dq, dk, dv, None, None
 
 
 def _boundary_backward(grad_out, q, k, v, out, lse, plan: MLSWAPlan, scale: float, grads) -> None:
-    """Add the gradients of the pairs of levels >= 1 and the [DOC] rule into ``grads`` (in place)."""
-    assert plan.boundary is not None
-    index, valid = plan.boundary.index, plan.boundary.valid[:, None]
-    offset = _gather_rows(lse, index).masked_fill(~valid, 0.0)
-    grad_rows = _gather_rows(grad_out, index) * valid[..., None]
-    delta = (grad_rows * _gather_rows(out, index)).sum(-1)
-    with torch.enable_grad():
-        inputs = _BoundaryInputs.gather(q, k, v, plan).leaves()
-        (weighted, total), _ = _boundary_partials(inputs, plan, scale, offset=offset)
-        surrogate = (grad_rows * weighted).sum() - (delta * total).sum()
-        leaves = inputs.tensors()
-        found = torch.autograd.grad(surrogate, leaves, allow_unused=True)
-    found = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, found, strict=True)]
+    """Add the gradients of the pairs of levels >= 1 and of the [DOC] rule into ``grads`` (in place)."""
     n = plan.seq_len
-    for i, lp in enumerate(plan.levels[1:]):
-        level_grads = found[3 * i : 3 * i + 3]
+    inputs = _BoundaryInputs.gather(q, k, v, plan)
+    dtype = inputs.levels[0][0].dtype
+    for lp, (ql, kl, vl) in zip(plan.levels[1:], inputs.levels, strict=True):
+        rows = [_gather_rows(t, lp.index).to(dtype) for t in (grad_out, out)]
+        lse_rows = _gather_rows(lse, lp.index).to(dtype)
+        kp, vp = _padded_keys(kl, lp), _padded_keys(vl, lp)
+        level_grads = _flash_band_backward(rows[0], ql, kp, vp, rows[1], lse_rows, plan, lp.level, scale)
         idx = lp.index.clamp(max=n - 1)[:, None, :, None].expand_as(level_grads[0])
         for acc, g in zip(grads, level_grads, strict=True):
             acc.scatter_add_(2, idx, g.to(acc.dtype))  # empty slots carry exact zeros
     if inputs.doc is not None:
-        for acc, g in zip(grads, found[-3:], strict=True):
-            acc[:, :, :1] += g.to(acc.dtype)
+        top = plan.levels[-1]
+        q_top, k_top, v_top = inputs.levels[-1]
+        grad_top, out_top = (_gather_rows(t, top.index).to(dtype) for t in (grad_out, out))
+        lse_top = _gather_rows(lse, top.index).to(dtype)
+        q_doc, k_doc, v_doc = inputs.doc
+        grad_doc, out_doc = (t[:, :, :1].to(dtype) for t in (grad_out, out))
+        mask = plan.doc_link_mask  # [B, 1, Mt]
+        # [DOC]'s column: top-level query t sees key 0 with probability p_t
+        p = torch.exp(torch.where(mask, (q_top * k_doc).sum(-1) * scale - lse_top, NEG_INF))  # [B, H, Mt]
+        g = p * ((grad_top * v_doc).sum(-1) - (grad_top * out_top).sum(-1))
+        dq_top = scale * g[..., None] * k_doc
+        dk_doc = scale * (g[..., None] * q_top).sum(2, keepdim=True)
+        dv_doc = (p[..., None] * grad_top).sum(2, keepdim=True)
+        # [DOC]'s row: query 0 sees top-level key j with probability r_j
+        r = torch.exp(torch.where(mask, (q_doc * k_top).sum(-1) * scale - lse[:, :, :1].to(dtype), NEG_INF))
+        h = r * ((grad_doc * v_top).sum(-1) - (grad_doc * out_doc).sum(-1))
+        dq_doc = scale * (h[..., None] * k_top).sum(2, keepdim=True)
+        dk_top = scale * h[..., None] * q_doc
+        dv_top = r[..., None] * grad_doc
+        idx = top.index.clamp(max=n - 1)[:, None, :, None].expand_as(dq_top)
+        for acc, g_top, g_doc in zip(grads, (dq_top, dk_top, dv_top), (dq_doc, dk_doc, dv_doc), strict=True):
+            acc.scatter_add_(2, idx, g_top.to(acc.dtype))
+            acc[:, :, :1] += g_doc.to(acc.dtype)
 
 
 def _sdpa_rows(plan: MLSWAPlan) -> dict[str, torch.Tensor]:
@@ -664,7 +688,7 @@ def _sdpa_rows(plan: MLSWAPlan) -> dict[str, torch.Tensor]:
         return plan.cache["sdpa_rows"]
     br = plan.boundary
     assert br is not None
-    chunk, _, nc, _ = _level0_geometry(plan)
+    chunk, _, nc, _ = _geometry(plan.levels[0])
     batch, slots = br.index.shape
     pos = br.index.clamp(max=nc * chunk - 1)
     chunk_of = torch.where(br.valid, pos // chunk, nc)  # invalid slots sort last
@@ -691,11 +715,12 @@ def _sdpa_compact(q, k, v, plan: MLSWAPlan, scale: float) -> torch.Tensor:
     """Exact ML-SWA with public ops (any device): level 0 through ``F.scaled_dot_product_attention``,
     the boundary rows' level-0 lse recomputed explicitly, autograd for the backward."""
     n = plan.seq_len
-    chunk, halo, nc, width = _level0_geometry(plan)
+    lp0 = plan.levels[0]
+    chunk, halo, nc, width = _geometry(lp0)
     mask = _level0_mask(plan, q.dtype)
     qc = _rows_to_chunks(q, chunk, nc)
-    kp, vp = _padded_keys(k, plan), _padded_keys(v, plan)
-    kw, vw = _windows(kp, plan), _windows(vp, plan)
+    kp, vp = _padded_keys(k, lp0), _padded_keys(v, lp0)
+    kw, vw = _windows(kp, lp0), _windows(vp, lp0)
     outs = [
         F.scaled_dot_product_attention(qc[b], kw[b], vw[b], attn_mask=mask[b : b + 1], scale=scale)
         for b in range(q.shape[0])
