@@ -13,13 +13,13 @@ Backends (``model.mlswa.backend``):
   Two implementations share the plan. :func:`compact_attention` computes every partial explicitly
   (chunked matmul and masked softmax; plain autograd; the lse and per-level lse are available, in
   float64 too) and serves diagnostics. :func:`fast_compact_attention` is the training path: level 0
-  runs through the fused attention kernel. On CPU that is the flash kernel behind
-  ``F.scaled_dot_product_attention`` called with its log-sum-exp, inside one autograd function whose
-  backward gives the kernel the *merged* output and lse (the split-KV identity), so the higher levels
-  cost only their own small partials; elsewhere (CUDA) it is the public SDPA, with the level-0 lse of
-  the boundary rows recomputed explicitly and autograd doing the rest.
+  runs through the fused attention kernel. On CPU every level's band runs in the flash kernel behind
+  ``F.scaled_dot_product_attention``, called with its log-sum-exp inside one autograd function whose
+  backward hands the kernel the *merged* output and lse (the split-KV identity), one call per level;
+  elsewhere (CUDA) level 0 runs in the public SDPA, the boundary rows' level-0 lse is recomputed
+  explicitly and autograd does the rest.
 * ``dense`` - one SDPA call with the dense mask (built once per batch and ``max_level``); quadratic,
-  the fastest below a few thousand tokens.
+  the fastest below about 1.3k tokens on CPU.
 * ``flex`` - FlexAttention over "extended keys" (one copy of each boundary token's key appended
   after the sequence, so hierarchical links land in a few extra key blocks), for CUDA.
 * ``auto`` - dense up to :data:`DENSE_AUTO_MAX_LEN` tokens, compact above.
