@@ -377,6 +377,29 @@ def test_a_signal_stops_cleanly_with_a_checkpoint_and_flushed_logs(sig: signal.S
     assert max(e.step for e in events.Scalars("train/loss")) == step  # TensorBoard was flushed
 
 
+def test_a_second_ctrl_c_inside_an_update_saves_nothing_half_done(corpus: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]):
+    """'Stop now' can land inside optimizer.step(): no checkpoint is written from half-updated weights."""
+    original, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].add_(1.0)  # one tensor updated, the rest not yet
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    with pytest.raises(SystemExit) as info:
+        main(["train", "-q", *set_args(corpus, **{"training.num_steps": 10, "training.save_every": 2})])
+    err = capsys.readouterr().err
+    assert info.value.code == 130 and "interrupted by SIGINT" in err and "checkpoint-2.ckpt" in err, err
+    ckpt_dir = Path("checkpoints/tiny")
+    assert sorted(p.name for p in ckpt_dir.glob("*.ckpt")) == ["checkpoint-2.ckpt", "last.ckpt"]
+    assert newest_loadable_step(ckpt_dir) == 2
+
+
 # ----------------------------------------------------------------------------- 3. disk full, unwritable output
 
 

@@ -293,7 +293,7 @@ class Trainer:
             self.console.print(self.visualizer.start_message())
         self.logger.log_config(self.cfg.to_dict())
         summary = TrainingSummary(steps=self.start_step, train_loss=None)
-        best_val, bad_steps, last_saved = math.inf, 0, self.start_step
+        best_val, bad_steps = math.inf, 0
         started = window_start = self.invocation_start = time.perf_counter()
         window_tokens = tokens_total = 0
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -363,16 +363,16 @@ class Trainer:
                                 summary.best_checkpoint = self.ckpt_dir / f"checkpoint-{step}.ckpt"
                     if step % tcfg.save_every == 0 or final or out_of_time or stopping:
                         summary.last_checkpoint = self.snapshot(step, {"train_loss": loss_sum, **summary.val})
-                        last_saved = step
                     if stopping:
                         raise Interrupted(stop.signum or signal.SIGTERM, summary.last_checkpoint)
                     if out_of_time:
                         summary.stopped = f"time limit ({tcfg.time_limit_minutes:g} min) reached at step {step}"
                         break
         except KeyboardInterrupt:
-            path = self.snapshot(step, {"train_loss": summary.train_loss}) if step > last_saved else None
+            # A second Ctrl-C lands anywhere, even inside optimizer.step(): the weights in memory may be
+            # half updated, so nothing is saved from them; the last complete checkpoint stands.
             self.close()
-            raise Interrupted(signal.SIGINT, path or summary.last_checkpoint) from None
+            raise Interrupted(signal.SIGINT, summary.last_checkpoint) from None
         except BaseException:
             self.close()
             raise
