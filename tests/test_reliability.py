@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -447,7 +448,7 @@ def test_too_little_disk_space_is_an_error_at_start_up(in_tmp: Path, corpus: Pat
                                                        capsys: pytest.CaptureFixture[str]):
     from lhtcli.training import preflight
 
-    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 50_000))
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: SimpleNamespace(free=50_000))
     err = _cli_error(["train", "-q", *set_args(corpus)], capsys)
     assert "not enough disk space" in err and "checkpoints/tiny" in err
     assert not list(in_tmp.rglob("*.ckpt"))
@@ -457,7 +458,7 @@ def test_little_disk_space_is_a_warning(in_tmp: Path, corpus: Path, monkeypatch:
                                         capsys: pytest.CaptureFixture[str]):
     from lhtcli.training import preflight
 
-    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 3 << 20))
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: SimpleNamespace(free=3 << 20))
     cfg = load_config(None, tiny_overrides(corpus, **{"training.num_steps": 1}))
     assert run_training(cfg, quiet=True).steps == 1
     assert "may fill the disk" in capsys.readouterr().err
