@@ -12,7 +12,7 @@ One attention call of B=1, H=4, D=64, windows [256, 64, 16] over a realistic doc
 * peak extra memory of building the per-batch state (plan or dense mask) and one forward+backward
   (CPU: peak RSS growth in a fresh subprocess per case; CUDA: peak allocated bytes);
 * the speedup of compact fast over dense, and the share of the fp32 matmul rate (``torch.mm``
-  2048^2 measured in the same run) that compact fast reaches on the needed FLOPs:
+  2048^2, measured between the runs of the same row) that compact fast reaches on the needed FLOPs:
   4 * N * keys_per_query * D * H forward, x3.5 for forward+backward.
 
 A second table is the issue-2 view: forward and forward+backward time and peak memory side by side,
@@ -45,12 +45,12 @@ from lhtcli.core.attention import (
     DENSE_AUTO_MAX_LEN,
     DenseMask,
     MLSWAContext,
-    _level0_mask,
     build_flex_plan,
     build_mlswa_plan,
     compact_attention,
     fast_compact_attention,
     flex_compact_attention,
+    prepare_plan,
 )
 from lhtcli.core.positions import HierarchicalPositions, positions_from_lengths
 
@@ -144,7 +144,7 @@ class Case:
         if method in ("explicit", "fast"):
             plan = build_mlswa_plan(self.positions, WINDOWS)
             if method == "fast":
-                _level0_mask(plan, self.dtype)
+                prepare_plan(plan, self.dtype)
             state: object = plan
         elif method == "dense":  # the baseline of PERF.md: SDPA with the bool mask
             state = DenseMask.from_positions(self.positions, WINDOWS).mask[:, None]
@@ -152,7 +152,7 @@ class Case:
             state = MLSWAContext(self.positions, WINDOWS, "auto")
             plan = state.prepared(len(WINDOWS) - 1)
             if state.backend == "compact":
-                _level0_mask(plan, self.dtype)
+                prepare_plan(plan, self.dtype)
             elif state.backend == "dense":
                 plan.additive(self.dtype)
         elif method == "flex":
@@ -285,8 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-timeout", type=float, default=300.0)
     parser.add_argument("--quick", action="store_true", help="N = 512..4096, 3 runs, fewer memory cases")
     parser.add_argument("--json", default=None, help="also write every number to this JSON file")
+    parser.add_argument(
+        "--from-json", default=None, help="print the tables of saved --json files (comma list)"
+    )
     parser.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.from_json:
+        return _print_saved(args.from_json.split(","))
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
 
@@ -344,16 +349,21 @@ def main(argv: list[str] | None = None) -> int:
                     case.prepare(m)
             row["auto_backend"] = case.prepared["auto"].backend if "auto" in todo else None
             samples = {(m, mode): [] for m in todo for mode in ("fwd", "fwdbwd")}
+            plan_ms, rates = [], []
             for rep in range(args.warmup + args.reps):
                 for m in todo:
                     for mode in ("fwd", "fwdbwd"):
                         ms = case.run(m, mode)
                         if rep >= args.warmup:
                             samples[(m, mode)].append(ms)
+                plan_ms.append(_time_plan(case))
+                rates.append(matmul_rate(device, torch.float32, reps=1))
             for (m, mode), values in samples.items():
                 row["times"][f"{m}:{mode}"] = statistics.median(values)
-            # a second, interleaved plan build measurement (the first one includes cold caches)
-            row["plan_ms"] = min(row["plan_ms"], _time_plan(case))
+            row["plan_ms"] = statistics.median(plan_ms)
+            row["matmul_gflops"] = statistics.median(rates)
+        else:
+            row["plan_ms"] = statistics.median([_time_plan(case) for _ in range(3)])
         del case
         if not args.no_memory:
             mem_methods = (
@@ -390,11 +400,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _print_saved(paths: list[str]) -> int:
+    """Merge saved runs (a later file's row replaces an earlier one of the same N) and print them."""
+    rows: dict[int, dict] = {}
+    methods: list[str] = []
+    rate = None
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        rate = rate or data["matmul_gflops"]
+        for row in data["rows"]:
+            rows[row["n"]] = row
+            for key in row["times"]:
+                name = key.split(":")[0]
+                if name not in methods:
+                    methods.append(name)
+    results = dict(sorted(rows.items()))
+    methods = [m for m in METHODS if m in methods]
+    print(_main_table(results, methods, rate))
+    print()
+    print(_issue2_table(results))
+    return 0
+
+
 def _time_plan(case: Case) -> float:
     sync(case.device)
     start = time.perf_counter()
-    plan = build_mlswa_plan(case.positions, WINDOWS)
-    _level0_mask(plan, case.dtype)
+    prepare_plan(build_mlswa_plan(case.positions, WINDOWS), case.dtype)
     sync(case.device)
     return (time.perf_counter() - start) * 1e3
 
@@ -428,7 +459,8 @@ def _main_table(results: dict[int, dict], methods: list[str], rate: float) -> st
         cells.append(" / ".join(fmt(mem.get(f"{m}:fwdbwd"), 0) for m in ("fast", "dense", "explicit")))
         speed = _speedup(row)
         cells.append(f"{speed:.1f}x" if speed else "-")
-        pct = 100 * 3.5 * row["flops_fwd"] / (fast_fb / 1e3) / (rate * 1e9) if fast_fb else None
+        row_rate = row.get("matmul_gflops", rate)
+        pct = 100 * 3.5 * row["flops_fwd"] / (fast_fb / 1e3) / (row_rate * 1e9) if fast_fb else None
         cells.append(fmt(pct))
         rows.append(cells)
     note = "times in ms (median); memory = peak extra MiB of the per-batch state (plan or mask) plus one call"

@@ -491,6 +491,14 @@ def _level0_mask(plan: MLSWAPlan, dtype: torch.dtype) -> torch.Tensor:
     return _level_mask(plan, 0, dtype)
 
 
+def prepare_plan(plan: MLSWAPlan, dtype: torch.dtype) -> MLSWAPlan:
+    """Build the float band masks the fast path needs for ``dtype`` now rather than at the first call
+    (they are cached on the plan either way)."""
+    for level in range(len(plan.levels)):
+        _level_mask(plan, level, _compute_dtype(dtype) if level else dtype)
+    return plan
+
+
 def _rows_to_chunks(x: torch.Tensor, chunk: int, nc: int, fill: float = 0.0) -> torch.Tensor:
     """[B, H, N, *D] -> [B, H, nc, C, *D] covering rows 0..nc*C-1 (a view when N >= nc*C)."""
     n, rows = x.shape[2], nc * chunk
