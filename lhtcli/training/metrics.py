@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 from collections.abc import Callable, Sequence
@@ -73,7 +74,10 @@ class MetricsFile:
                         kept.append(line)
                 except json.JSONDecodeError:
                     continue
-        path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        # Rewritten through a temporary file so a crash here cannot lose the lines being kept.
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         with self.path.open("a", encoding="utf-8") as handle:

@@ -314,6 +314,12 @@ class Trainer:
                     if not math.isfinite(loss_sum):
                         bad_steps += 1
                         self._skip(step, "loss", loss_sum, bad_steps)
+                        if stopping or out_of_time:  # a skipped step must not swallow a stop request
+                            summary.last_checkpoint = self.snapshot(step, {"train_loss": summary.train_loss})
+                            if stopping:
+                                raise Interrupted(stop.signum or signal.SIGTERM, summary.last_checkpoint)
+                            summary.stopped = f"time limit reached at step {step}"
+                            break
                         continue
                     if self.scaler:
                         self.scaler.unscale_(self.optimizer)
@@ -323,6 +329,12 @@ class Trainer:
                     if not math.isfinite(grad_norm):
                         bad_steps += 1
                         self._skip(step, "gradient norm", grad_norm, bad_steps)
+                        if stopping or out_of_time:  # a skipped step must not swallow a stop request
+                            summary.last_checkpoint = self.snapshot(step, {"train_loss": summary.train_loss})
+                            if stopping:
+                                raise Interrupted(stop.signum or signal.SIGTERM, summary.last_checkpoint)
+                            summary.stopped = f"time limit reached at step {step}"
+                            break
                         continue
                     bad_steps = 0
                     lr = apply_lr(self.optimizer, tcfg, step - 1, self.elapsed())
