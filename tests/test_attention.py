@@ -24,6 +24,7 @@ from lhtcli.core.attention import (
     fast_compact_attention,
     flex_compact_attention,
     mlswa_attention,
+    prepare_plan,
 )
 from lhtcli.core.mask import DOC_LINK, MASKED, mlswa_dense_mask, pair_level_map
 from lhtcli.core.positions import HierarchicalPositions, positions_from_lengths
@@ -329,6 +330,34 @@ def test_auto_dispatch_by_length():
     assert choose_backend(64, "cpu", "compact") == "compact"
     with pytest.raises(ValueError, match="backend"):
         choose_backend(64, "cpu", "fast")
+
+
+def test_auto_above_the_crossover_runs_compact_exactly():
+    """Beyond DENSE_AUTO_MAX_LEN the context runs the compact path, with the same numbers as dense."""
+    positions = make_positions(19, sections=(30, 30), sentences=(6, 12), length=(8, 12))
+    assert positions.seq_len > DENSE_AUTO_MAX_LEN
+    windows = [64, 8, 2]
+    context = MLSWAContext(positions, windows, "auto")
+    assert context.backend == "compact"
+    q, k, v = make_qkv(positions, seed=5, heads=1, scale=1.0)
+    want, _ = reference(q, k, v, positions, windows, 2)
+    assert relative_error(context.attend(q, k, v, 2), want) < 1e-12
+
+
+@pytest.mark.parametrize("level0", ["flash", "sdpa"])
+def test_bfloat16_fast_path_is_finite_and_close(level0):
+    positions = make_positions(11, batch=2, pad=5, sections=(4, 8), sentences=(3, 8), length=(3, 20))
+    windows = [16, 3, 1]
+    q, k, v = make_qkv(positions, seed=3, dim=16, scale=1.0)
+    want, _ = reference(q, k, v, positions, windows, 2)
+    plan = prepare_plan(build_mlswa_plan(positions, windows, 2), torch.bfloat16)
+    leaves = [t.bfloat16().requires_grad_(True) for t in (q, k, v)]
+    got = fast_compact_attention(*leaves, plan, level0=level0)
+    got.float().sum().backward()
+    assert got.dtype == torch.bfloat16
+    assert relative_error(got, want) < 2e-2  # bfloat16 keeps ~3 significant digits
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
+    assert torch.all(got.transpose(1, 2)[~positions.real_mask] == 0)
 
 
 def test_context_caches_plans_per_max_level():
