@@ -122,18 +122,20 @@ def allowed_pairs(plan) -> int:
 
 
 class Case:
-    """Inputs of one N and the prepared per-batch state of every method."""
+    """Inputs of one N and the prepared per-batch state of every method.
+
+    q, k and v are laid out as in the model: head-major views [B, H, N, D] of one token-major
+    projection [B, N, 3, H, D]; the output gradient is token-major too (the model reshapes the
+    attention output to [B, N, H * D])."""
 
     def __init__(self, n: int, device: torch.device, dtype: torch.dtype, seed: int = 0) -> None:
         self.n, self.device, self.dtype = n, device, dtype
         self.positions = realistic_positions(n, seed=seed).to(device)
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        shape = (1, HEADS, n, DIM)
-        self.q, self.k, self.v = (
-            torch.randn(shape, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
-            for _ in range(3)
-        )
-        self.grad_out = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+        self.qkv = torch.randn(1, n, 3, HEADS, DIM, generator=gen).to(device=device, dtype=dtype)
+        self.qkv.requires_grad_(True)
+        grad = torch.randn(1, n, HEADS, DIM, generator=gen).to(device=device, dtype=dtype)
+        self.grad_out = grad.transpose(1, 2)
         self.prepared: dict[str, object] = {}
         self.prepare_ms: dict[str, float] = {}
 
@@ -165,29 +167,27 @@ class Case:
 
     def fn(self, method: str) -> Callable[[], torch.Tensor]:
         state = self.prepared[method]
-        q, k, v = self.q, self.k, self.v
         if method == "dense":
-            return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=state)
+            return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=state)
         if method == "explicit":
-            return lambda: compact_attention(q, k, v, state).out
+            return lambda q, k, v: compact_attention(q, k, v, state).out
         if method == "fast":
-            return lambda: fast_compact_attention(q, k, v, state)
+            return lambda q, k, v: fast_compact_attention(q, k, v, state)
         if method == "auto":
-            return lambda: state.attend(q, k, v, len(WINDOWS) - 1)
-        return lambda: flex_compact_attention(q, k, v, state)
+            return lambda q, k, v: state.attend(q, k, v, len(WINDOWS) - 1)
+        return lambda q, k, v: flex_compact_attention(q, k, v, state)
 
     def run(self, method: str, mode: str) -> float:
         """One call in ms; mode "fwd" (no grad) or "fwdbwd"."""
         fn = self.fn(method)
-        for t in (self.q, self.k, self.v):
-            t.grad = None
+        self.qkv.grad = None
         sync(self.device)
         start = time.perf_counter()
         if mode == "fwd":
             with torch.no_grad():
-                fn()
+                fn(*(self.qkv[:, :, i].transpose(1, 2) for i in range(3)))
         else:
-            fn().backward(self.grad_out)
+            fn(*(self.qkv[:, :, i].transpose(1, 2) for i in range(3))).backward(self.grad_out)
         sync(self.device)
         return (time.perf_counter() - start) * 1e3
 

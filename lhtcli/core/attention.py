@@ -518,14 +518,20 @@ def _chunks_to_rows(x: torch.Tensor, n: int, fill: float = 0.0) -> torch.Tensor:
     return F.pad(x, pad, value=fill)
 
 
-def _padded_keys(x: torch.Tensor, lp: LevelPlan) -> torch.Tensor:
-    """[B, H, M, D] -> [B, H, nc*C + 2*halo, D]: a level's key rows with the halo on both sides."""
+def _padded_keys(x: torch.Tensor, lp: LevelPlan, token_major: bool = False) -> torch.Tensor:
+    """[B, H, M, D] -> [B, H, nc*C + 2*halo, D]: a level's key rows with the halo on both sides.
+
+    ``token_major`` stores them as [B, L, H, D] (the model's layout; the flash kernel's too)."""
     chunk, halo, nc, _ = _geometry(lp)
     rows = nc * chunk
     x = x[:, :, :rows]
     body = x.shape[2]
-    padded = x.new_empty(x.shape[0], x.shape[1], rows + 2 * halo, x.shape[3])  # no fill of the body
-    padded[:, :, :halo] = 0
+    batch, heads, _, dim = x.shape
+    if token_major:
+        padded = x.new_empty(batch, rows + 2 * halo, heads, dim).transpose(1, 2)
+    else:
+        padded = x.new_empty(batch, heads, rows + 2 * halo, dim)
+    padded[:, :, :halo] = 0  # no fill of the body
     padded[:, :, halo : halo + body] = x
     padded[:, :, halo + body :] = 0
     return padded
@@ -540,6 +546,9 @@ def _stack(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0][None] if len(parts) == 1 else torch.stack(parts)
 
 
+# The flash kernel is called with the chunks as its batch and the heads as its heads: q [nc, H, C, D]
+# and windows [nc, H, K, D]. Its outputs are then laid out [nc, C, H, D], i.e. token-major [N, H, D],
+# the model's own layout (no copy on the way out, none for a token-major grad_out on the way back).
 def _flash_band(q, k, v, plan: MLSWAPlan, level: int, scale: float):
     """One level's banded attention in the CPU flash kernel, on its rows in compacted order
     ([B, H, M, D]; level 0: all N positions). Returns (out, lse, padded keys, padded values); rows
@@ -549,19 +558,28 @@ def _flash_band(q, k, v, plan: MLSWAPlan, level: int, scale: float):
     chunk, _, nc, _ = _geometry(lp)
     mask = _level_mask(plan, level, q.dtype)
     qc = _rows_to_chunks(q, chunk, nc)
-    kp, vp = _padded_keys(k, lp), _padded_keys(v, lp)
+    kp, vp = _padded_keys(k, lp, token_major=True), _padded_keys(v, lp, token_major=True)
     kw, vw = _windows(kp, lp), _windows(vp, lp)
-    parts = [
-        _FLASH_FORWARD(qc[b], kw[b], vw[b], 0.0, False, attn_mask=mask[b : b + 1], scale=scale)
-        for b in range(q.shape[0])
-    ]
-    out = _chunks_to_rows(_stack([p[0] for p in parts]), m).contiguous()
-    lse = _chunks_to_rows(_stack([p[1] for p in parts]), m).contiguous()
+    outs, lses = [], []
+    for b in range(q.shape[0]):
+        out_b, lse_b = _FLASH_FORWARD(
+            qc[b].transpose(0, 1),
+            kw[b].transpose(0, 1),
+            vw[b].transpose(0, 1),
+            0.0,
+            False,
+            attn_mask=mask[b][:, None],
+            scale=scale,
+        )
+        outs.append(out_b.transpose(0, 1))  # [H, nc, C, D], token-major underneath
+        lses.append(lse_b.transpose(0, 1))
+    out = _chunks_to_rows(_stack(outs), m)
+    lse = _chunks_to_rows(_stack(lses), m)
     has, everywhere = _rows_with_keys(plan, level)
     if not everywhere or m > has.shape[1]:
         has = (has[:, :m] if has.shape[1] >= m else F.pad(has, (0, m - has.shape[1]), value=False))[:, None]
-        out.masked_fill_(~has[..., None], 0.0)
-        lse.masked_fill_(~has, NEG_INF)
+        out = out.masked_fill_(~has[..., None], 0.0)
+        lse = lse.masked_fill_(~has, NEG_INF)
     return out, lse, kp, vp
 
 
@@ -577,33 +595,36 @@ def _flash_band_backward(grad_out, q, kp, vp, out, lse, plan: MLSWAPlan, level: 
     lc = lc.masked_fill(~has.view(has.shape[0], 1, nc, chunk), math.inf)
     qc, gc, oc = (_rows_to_chunks(t, chunk, nc) for t in (q, grad_out, out))
     kw, vw = _windows(kp, lp), _windows(vp, lp)
-    parts = [
-        _FLASH_BACKWARD(
-            gc[b], qc[b], kw[b], vw[b], oc[b], lc[b], 0.0, False, attn_mask=mask[b : b + 1], scale=scale
+    grads: list[list[torch.Tensor]] = [[], [], []]
+    for b in range(q.shape[0]):
+        parts = _FLASH_BACKWARD(
+            *(t[b].transpose(0, 1) for t in (gc, qc, kw, vw, oc, lc)),
+            0.0,
+            False,
+            attn_mask=mask[b][:, None],
+            scale=scale,
         )
-        for b in range(q.shape[0])
-    ]
-    dq = _chunks_to_rows(_stack([p[0] for p in parts]), m)
-    if not dq.is_contiguous():
-        dq = dq.contiguous()
-    return (
-        dq,
-        _fold_windows(_stack([p[1] for p in parts]), lp, m),
-        _fold_windows(_stack([p[2] for p in parts]), lp, m),
-    )
+        grads[0].append(_chunks_to_rows(parts[0].transpose(0, 1)[None], m)[0])
+        grads[1].append(_fold_windows(parts[1], lp, m))
+        grads[2].append(_fold_windows(parts[2], lp, m))
+    return tuple(_stack(g) for g in grads)
 
 
 def _fold_windows(grad: torch.Tensor, lp: LevelPlan, m: int) -> torch.Tensor:
-    """Sum the gradients of overlapping key windows [B, H, nc, K, D] back onto rows [B, H, M, D]."""
+    """Sum the kernel's gradients of overlapping key windows ([nc, H, K, D], laid out [nc, K, H, D])
+    back onto rows: [H, M, D] (token-major underneath)."""
     chunk, halo, nc, width = _geometry(lp)
     blocks = width // chunk
-    batch, heads, _, _, dim = grad.shape
-    padded = grad.new_empty(batch, heads, nc + blocks - 1, chunk, dim)
-    padded[:, :, :nc] = grad[:, :, :, :chunk]
-    padded[:, :, nc:] = 0
+    grad = grad.transpose(1, 2)  # [nc, K, H, D]
+    padded = grad.new_empty(nc + blocks - 1, chunk, *grad.shape[2:])
+    padded[:nc] = grad[:, :chunk]
+    padded[nc:] = 0
     for d in range(1, blocks):
-        padded[:, :, d : d + nc] += grad[:, :, :, d * chunk : (d + 1) * chunk]
-    return _chunks_to_rows(padded, halo + m)[:, :, halo:]
+        padded[d : d + nc] += grad[:, d * chunk : (d + 1) * chunk]
+    rows = padded.flatten(0, 1)[halo : halo + m]  # [M', H, D]
+    if rows.shape[0] < m:
+        rows = F.pad(rows, (0, 0, 0, 0, 0, m - rows.shape[0]))
+    return rows.transpose(0, 1)
 
 
 def _flash_forward(q, k, v, plan: MLSWAPlan, scale: float):
