@@ -796,9 +796,10 @@ def fast_compact_attention(
 ) -> torch.Tensor:
     """Exact ML-SWA for training on head-major [B, H, N, D]: the output only (no lse).
 
-    ``level0``: ``"flash"`` (CPU flash kernel in a custom autograd function), ``"sdpa"`` (public
-    SDPA + autograd, any device), ``"explicit"`` (:func:`compact_attention`), or ``"auto"`` (flash
-    where available, else sdpa). Plans whose level 0 is not a prefix of the sequence use explicit.
+    ``level0``: ``"flash"`` (every level's band in the CPU flash kernel, inside one autograd
+    function), ``"sdpa"`` (level 0 in the public SDPA, autograd; any device), ``"explicit"``
+    (:func:`compact_attention`), or ``"auto"`` (flash where available, else sdpa). Plans whose level 0
+    is not a prefix of the sequence (holes of padding) use explicit.
     """
     _check_plan(q, plan)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
