@@ -28,3 +28,12 @@ def test_time_limit_drives_the_decay_when_it_runs_out_first():
     assert lr_factor(10, cfg, elapsed_seconds=120) == pytest.approx(0.0)
     untimed = cfg.model_copy(update={"time_limit_minutes": None})
     assert lr_factor(10, untimed, elapsed_seconds=120) == pytest.approx(1 - 10 / 10_000)
+
+
+def test_time_decay_starts_at_the_peak_after_a_timed_warmup():
+    cfg = TrainingConfig(num_steps=10_000, warmup_steps=10, lr_schedule="linear", min_lr_ratio=0.0,
+                         time_limit_minutes=2)
+    # The warmup took the first minute: the decay spans the second one, starting from the peak.
+    assert lr_factor(10, cfg, elapsed_seconds=60, warmup_seconds=60) == pytest.approx(1.0, abs=1e-3)
+    assert lr_factor(10, cfg, elapsed_seconds=90, warmup_seconds=60) == pytest.approx(0.5)
+    assert lr_factor(10, cfg, elapsed_seconds=120, warmup_seconds=60) == pytest.approx(0.0)

@@ -184,6 +184,7 @@ class Trainer:
             check_disk_space(cfg.checkpoint_dir(), self.model, self.tcfg.keep_checkpoints, self.warn)
         self.start_step = 0
         self.elapsed_before = 0.0  # training seconds of earlier invocations (resume)
+        self.warmup_seconds: float | None = None  # training seconds when the warmup ended (LR decay by time)
         if ckpt is not None:
             self._restore(ckpt)
         limit = self.tcfg.time_limit_minutes
@@ -215,6 +216,12 @@ class Trainer:
         """Training seconds so far, across resumes (what the time limit and the schedule count)."""
         return self.elapsed_before + time.perf_counter() - self.invocation_start
 
+    def scheduler_state(self) -> dict[str, float]:
+        state = {"elapsed_seconds": self.elapsed()}
+        if self.warmup_seconds is not None:
+            state["warmup_seconds"] = self.warmup_seconds
+        return state
+
     def warn(self, message: str) -> None:
         if self.console.quiet and self.dist.is_main:  # --quiet hides progress, never warnings
             Console(stderr=True, highlight=False).print(f"[yellow]⚠ {message}[/yellow]", soft_wrap=True)
@@ -228,6 +235,8 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt.optimizer_state)
         if ckpt.scheduler_state:
             self.elapsed_before = float(ckpt.scheduler_state.get("elapsed_seconds", 0.0))
+            warmup_seconds = ckpt.scheduler_state.get("warmup_seconds")
+            self.warmup_seconds = None if warmup_seconds is None else float(warmup_seconds)
         if ckpt.data_state:
             self.stream.load_state_dict(ckpt.data_state)
         restore_rng(ckpt.rng_state)
@@ -242,7 +251,7 @@ class Trainer:
         state = Checkpoint(
             step=step, config=self.cfg.model_copy(update={"model": self.model.cfg}),
             model_state=self.model.state_dict(), tokenizer_json=self.data.tokenizer.to_json_str(),
-            optimizer_state=self.optimizer.state_dict(), scheduler_state={"elapsed_seconds": self.elapsed()},
+            optimizer_state=self.optimizer.state_dict(), scheduler_state=self.scheduler_state(),
             rng_state=rng_state(), data_state=self.stream.state_dict(), metrics=metrics,
         )
         return save_checkpoint(state, self.ckpt_dir, keep=self.tcfg.keep_checkpoints)
@@ -305,12 +314,17 @@ class Trainer:
                     step_start = time.perf_counter()
                     loss_sum, step_tokens, batch = self.accumulate()
                     step += 1
-                    out_of_time = tcfg.time_limit_minutes is not None and (
-                        self.elapsed() > 60 * tcfg.time_limit_minutes)
-                    # One collective per step keeps every rank's decisions (skip, stop) identical.
-                    loss_sum, step_tokens, out_of_time, stopping = self.dist.sum(
-                        [loss_sum, step_tokens, float(out_of_time), float(stop.signum is not None)], self.device)
+                    elapsed = self.elapsed()
+                    out_of_time = tcfg.time_limit_minutes is not None and elapsed > 60 * tcfg.time_limit_minutes
+                    # One collective per step keeps every rank's decisions (skip, stop) and, through the
+                    # mean elapsed time, its learning rate identical.
+                    loss_sum, step_tokens, out_of_time, stopping, elapsed = self.dist.sum(
+                        [loss_sum, step_tokens, float(out_of_time), float(stop.signum is not None), elapsed],
+                        self.device)
                     loss_sum /= self.dist.world_size
+                    elapsed /= self.dist.world_size
+                    if self.warmup_seconds is None and step >= tcfg.warmup_steps:
+                        self.warmup_seconds = elapsed if tcfg.warmup_steps else 0.0
                     if not math.isfinite(loss_sum):
                         bad_steps += 1
                         self._skip(step, "loss", loss_sum, bad_steps)
@@ -337,7 +351,7 @@ class Trainer:
                             break
                         continue
                     bad_steps = 0
-                    lr = apply_lr(self.optimizer, tcfg, step - 1, self.elapsed())
+                    lr = apply_lr(self.optimizer, tcfg, step - 1, elapsed, self.warmup_seconds or 0.0)
                     if self.scaler:
                         self.scaler.step(self.optimizer)
                         self.scaler.update()
@@ -349,10 +363,10 @@ class Trainer:
                     summary.train_loss, summary.steps = loss_sum, step
 
                     if step % tcfg.log_every == 0 or step == tcfg.num_steps:
-                        elapsed = max(time.perf_counter() - window_start, 1e-9)
+                        window_seconds = max(time.perf_counter() - window_start, 1e-9)
                         scalars = {
                             "train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm,
-                            "train/tokens_per_second": window_tokens / elapsed,
+                            "train/tokens_per_second": window_tokens / window_seconds,
                             "train/seconds_per_step": time.perf_counter() - step_start,
                             "train/peak_memory_mb": peak_memory_mb(self.device),
                         }
