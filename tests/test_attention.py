@@ -389,3 +389,48 @@ def test_cuda_backends_match_cpu_reference(backend):
     got.sum().backward()
     assert relative_error(got.cpu(), want) < 1e-4
     assert all(torch.isfinite(t.grad).all() for t in dev)
+
+
+# ----------------------------------------------------------------------------------------------
+# linear memory: no N x N tensor on the compact path
+# ----------------------------------------------------------------------------------------------
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor any aten op returns (forward and backward alike)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def _largest_tensor(backend: str, n_sentences: int) -> tuple[int, int]:
+    doc = [[12] * n_sentences for _ in range(4)]
+    positions = positions_from_lengths(doc)
+    n = positions.seq_len
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, 1, 8, generator=gen, requires_grad=True) for _ in range(3))
+    with _LargestTensor() as probe:
+        mlswa_attention(q, k, v, positions, [16, 4, 2], backend=backend).sum().backward()
+    return probe.largest, n
+
+
+@pytest.mark.parametrize("backend", ["compact", "auto"])
+def test_compact_path_allocates_nothing_quadratic(backend: str):
+    """At N ~ 4000 with small windows every intermediate (forward and backward) is far below N^2."""
+    largest, n = _largest_tensor(backend, 84)
+    assert n > DENSE_AUTO_MAX_LEN
+    assert largest < n * n / 16
+    # ... and it grows linearly: doubling N roughly doubles the largest tensor, never quadruples it
+    largest_double, n_double = _largest_tensor(backend, 168)
+    assert largest_double <= 2.5 * largest * n_double / (2 * n)
+
+
+def test_the_quadratic_probe_sees_the_dense_mask():
+    largest, n = _largest_tensor("dense", 84)
+    assert largest >= n * n

@@ -51,7 +51,7 @@ def test_default_config_contents():
     assert cfg.experiment_name == "lht_default"
     assert cfg.device == "auto"
     m = cfg.model
-    assert (m.vocab_size, m.d_model, m.n_heads, m.num_layers, m.d_ff, m.max_seq_len) == (None, 256, 4, 4, 1024, 512)
+    assert (m.vocab_size, m.d_model, m.n_heads, m.num_layers, m.d_ff, m.max_seq_len) == (None, 128, 2, 4, 512, 512)
     assert m.mlswa.window_size_per_level == [32, 8, 4]
     assert m.mlswa.layer_max_level == [1, 2, 2, 2]
     assert cfg.training.lr_schedule == "cosine"

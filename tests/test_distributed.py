@@ -95,3 +95,19 @@ def test_a_failing_rank_ends_the_job_quickly(corpus: Path, in_tmp: Path, subproc
     assert result.returncode != 0
     assert "boom on rank 1" in result.stderr + result.stdout
     assert elapsed < 90
+
+
+def test_rank_zero_visualises_while_the_other_rank_waits(corpus: Path, in_tmp: Path, subprocess_env):
+    """Figures and entropy statistics on rank 0 alone must not deadlock the DDP job."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = torchrun(["-m", "lhtcli", "train", "--quiet",
+                       *set_args(common(corpus, "viz", **{"training.num_steps": 4, "training.log_viz_every": 2,
+                                                          "logging.backend": "tensorboard"}))],
+                      in_tmp, subprocess_env, timeout=150)
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = EventAccumulator(str(in_tmp / "runs" / "viz"))
+    events.Reload()
+    assert {"attention/entropy_mean", "train/loss"} <= set(events.Tags()["scalars"])
+    assert "gradients/flow" in events.Tags()["images"]
+    assert [e.step for e in events.Scalars("attention/entropy_mean")] == [2, 4]
