@@ -142,3 +142,33 @@ def test_size_limit_and_bad_arguments(monkeypatch):
         mlswa_attention_entropy(q[0], q[0], positions, [2, 1, 1])
     with pytest.raises(ValueError, match="max_level"):
         mlswa_level_mass(q, q, positions, [2, 1, 1], max_level=3)
+
+
+@pytest.mark.parametrize("doc", [True, False])
+@pytest.mark.parametrize("max_level", [0, 1, 2])
+def test_flash_statistics_path_equals_the_explicit_one(doc: bool, max_level: int):
+    """The fused-kernel path mlswa_row_stats takes on CPU gives the explicit path's out, lse and level lses."""
+    from lhtcli.core.attention import build_mlswa_plan, compact_attention, flash_compact_result
+
+    rng = random.Random(max_level + 10 * doc)
+    docs = [[[rng.randint(1, 9) for _ in range(rng.randint(1, 6))] for _ in range(rng.randint(2, 6))]
+            for _ in range(2)]
+    items = [positions_from_lengths(d, doc_token=doc) for d in docs]
+    positions = HierarchicalPositions.batch(items, pad_to=max(p.seq_len for p in items) + 2)
+    windows = [4, 2, 1]
+    plan = build_mlswa_plan(positions, windows, max_level)
+    assert plan.levels[0].is_prefix
+    b, n = positions.batch_size, positions.seq_len
+    gen = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(b, 2, n, 8, generator=gen, dtype=torch.float64) * 2 for _ in range(2))
+    fast = flash_compact_result(q, k, k, plan, collect_levels=True)
+    slow = compact_attention(q, k, k, plan, collect_levels=True)
+    torch.testing.assert_close(fast.out, slow.out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast.lse, slow.lse, rtol=1e-12, atol=1e-12)
+    assert fast.level_lse is not None and slow.level_lse is not None
+    for got, want in zip(fast.level_lse, slow.level_lse, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    _, entropy_ref, _, mass_ref = dense_reference(q, k, positions, windows, max_level)
+    stats = mlswa_row_stats(q, k, positions, windows, max_level, plan=plan)
+    torch.testing.assert_close(stats.entropy, entropy_ref, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(stats.level_mass, mass_ref, rtol=1e-9, atol=1e-12)

@@ -645,6 +645,37 @@ def _flash_forward(q, k, v, plan: MLSWAPlan, scale: float):
     return out, lse, kp, vp
 
 
+def flash_compact_result(q, k, v, plan: MLSWAPlan, scale: float | None = None,
+                         collect_levels: bool = False) -> AttentionResult:
+    """:func:`compact_attention`'s result (out, lse, per-level lse) with every level's band in the CPU
+    flash kernel: no score tensor is materialised, so diagnostics of long sequences stay fast and
+    small. Forward only; needs :func:`flash_available` and a plan whose level 0 is a prefix."""
+    _check_plan(q, plan)
+    if not (flash_available(q) and plan.levels[0].is_prefix):
+        raise ValueError("flash_compact_result needs a CPU flash dtype and a plan without padding holes")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out, lse, _, _ = _flash_band(q, k, v, plan, 0, scale)
+    if plan.boundary is None:
+        return AttentionResult(out, lse, [lse] if collect_levels else None)
+    inputs = _BoundaryInputs.gather(q, k, v, plan)
+
+    def band(ql, kl, vl, lp, scale):
+        return _flash_band(ql, kl, vl, plan, lp.level, scale)[:2]
+
+    (out_b, lse_b), level_lse = _boundary_partials(inputs, plan, scale, collect_levels=collect_levels, band=band)
+    lse0 = lse.clone() if collect_levels else lse
+    index = plan.boundary.index
+    merged = _merge(_gather_rows(out, index), _gather_rows(lse, index), out_b, lse_b.to(lse.dtype))
+    _write_boundary(out, merged[0], plan, inplace=True)
+    _write_boundary(lse, merged[1], plan, inplace=True)
+    levels = None
+    if collect_levels:
+        levels = [lse0]
+        for per_level in level_lse:
+            levels.append(_write_boundary(lse0.new_full(lse0.shape, NEG_INF), per_level, plan, inplace=False))
+    return AttentionResult(out, lse, levels)
+
+
 class _FlashCompact(torch.autograd.Function):
     """Exact ML-SWA with every level's band in the CPU flash kernel, forward and backward.
 

@@ -24,7 +24,13 @@ from dataclasses import dataclass
 
 import torch
 
-from lhtcli.core.attention import MLSWAPlan, build_mlswa_plan, compact_attention
+from lhtcli.core.attention import (
+    MLSWAPlan,
+    build_mlswa_plan,
+    compact_attention,
+    flash_available,
+    flash_compact_result,
+)
 from lhtcli.core.mask import mlswa_dense_mask, resolve_max_level
 from lhtcli.core.positions import HierarchicalPositions
 
@@ -149,7 +155,10 @@ def mlswa_row_stats(
         raise ValueError("the plan was built for other positions or another max_level")
     q64, k64 = q.to(torch.float64), k.to(torch.float64)
     scale = _scale(q, scale)
-    result = compact_attention(q64, k64, k64, plan, scale=scale, collect_levels=True)
+    if flash_available(q64) and plan.levels[0].is_prefix:  # the fused kernel: no score tensor at all
+        result = flash_compact_result(q64, k64, k64, plan, scale=scale, collect_levels=True)
+    else:
+        result = compact_attention(q64, k64, k64, plan, scale=scale, collect_levels=True)
     real = torch.isfinite(result.lse)  # [B, H, N]
     lse = torch.where(real, result.lse, torch.zeros_like(result.lse))
     expected_score = scale * (q64 * result.out).sum(-1)
