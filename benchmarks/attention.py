@@ -239,6 +239,8 @@ def measure_memory(n: int, method: str, mode: str, device: torch.device, dtype: 
         f"{n},{method},{mode}",
         "--dtype",
         str(dtype).split(".")[1],
+        "--windows",
+        ",".join(str(w) for w in WINDOWS),
     ]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
@@ -288,8 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--from-json", default=None, help="print the tables of saved --json files (comma list)"
     )
+    parser.add_argument("--windows", default=None, help="window per level, e.g. 32,8,4 (default 256,64,16)")
     parser.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.windows:
+        WINDOWS[:] = [int(w) for w in args.windows.split(",")]
     if args.from_json:
         return _print_saved(args.from_json.split(","))
     device = torch.device(args.device)

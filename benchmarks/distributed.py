@@ -4,11 +4,12 @@
     python benchmarks/distributed.py --steps 60 --nproc 2
     python benchmarks/distributed.py --device cuda --nproc 1   # on a GPU machine: nccl on 1 GPU
 
-Both runs use the built-in default config with the same global batch (per-rank batch = batch / N)
-and seed, so their losses should agree; the table shows the tokens/s each reaches and the ratio,
-i.e. the DDP overhead (or gain). On a 2-core CPU, 2 processes of 1 thread each do the same work as
-1 process of 2 threads, so expect a ratio near or below 1: the point is correctness plus the cost of
-gradient all-reduce. With ``--nproc 1`` the second run is a 1-rank torchrun job (DDP on).
+Both runs use the built-in default config with the same global batch and seed (the single process
+accumulates N micro-batches of batch / N sequences, each rank takes one), so their losses agree;
+the table shows the tokens/s each reaches and the ratio, i.e. the DDP overhead (or gain). On a
+2-core CPU, 2 processes of 1 thread each do the same work as 1 process of 2 threads, so expect a
+ratio near or below 1: the point is correctness plus the cost of gradient all-reduce. With
+``--nproc 1`` the second run is a 1-rank torchrun job (DDP on).
 """
 
 from __future__ import annotations
@@ -38,11 +39,15 @@ def main() -> None:
               f"device={args.device}"]
     print(f"# lht train, default config, {args.steps} steps, global batch {args.batch}, device {args.device}, "
           f"{os.cpu_count()} CPU cores\n")
-    single = run_train("1 process (no DDP)", [*common, f"training.batch_size={args.batch}"])
+    # The same batches in both runs: N ranks each take every N-th micro-batch of the one seeded stream,
+    # so one process must take them all, N micro-batches per step.
+    per_rank = args.batch // args.nproc
+    single = run_train(f"1 process (no DDP), {args.nproc} micro-batches of {per_rank}",
+                       [*common, f"training.batch_size={per_rank}", f"training.grad_accum_steps={args.nproc}"])
     # Split the cores between ranks as `lht train --nproc` does.
     threads = str(max(1, (os.cpu_count() or 1) // args.nproc))
     ddp = run_train(f"{args.nproc} process(es), torchrun + DDP, {threads} thread(s) each",
-                    [*common, f"training.batch_size={args.batch // args.nproc}"],
+                    [*common, f"training.batch_size={per_rank}"],
                     nproc=args.nproc, env={"OMP_NUM_THREADS": threads})
     print(markdown_table([single, ddp], single))
     print(f"\nloss difference at step {single.steps}: {abs(single.final_loss - ddp.final_loss):.2e} "

@@ -81,6 +81,24 @@ def test_tensorboard_event_file_holds_the_scalars(corpus: Path):
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
 
 
+def test_tensorboard_holds_the_training_visualisations(corpus: Path):
+    """log_viz_every puts the heatmap, gradient flow, prediction table and entropy scalars in the event file."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = load_config(None, tiny_overrides(corpus, **{"training.num_steps": 4, "logging.backend": "tensorboard",
+                                                       "training.log_viz_every": 2}))
+    run_training(cfg, quiet=True)
+    events = EventAccumulator(str(cfg.run_dir()))
+    events.Reload()
+    tags = events.Tags()
+    assert {"attention/layer_0", "gradients/flow"} <= set(tags["images"])
+    assert [e.step for e in events.Images("gradients/flow")] == [2, 4]
+    assert {"predictions/step_2/text_summary", "predictions/step_4/text_summary"} <= set(tags["tensors"])
+    scalars = set(tags["scalars"])
+    assert {"attention/entropy_mean", "attention/entropy_std", "attention/entropy_min", "attention/entropy_max",
+            "attention_entropy/layer_0_mean", "attention_entropy/layer_1_std", "attention/level_mass_0"} <= scalars
+
+
 def test_wandb_offline_writes_a_run_directory(corpus: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
