@@ -42,12 +42,12 @@ import torch
 import torch.nn.functional as F
 
 from lhtcli.core.attention import (
-    DENSE_AUTO_MAX_LEN,
     DenseMask,
     MLSWAContext,
     build_flex_plan,
     build_mlswa_plan,
     compact_attention,
+    dense_crossover,
     fast_compact_attention,
     flex_compact_attention,
     prepare_plan,
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, {args.dtype}; "
         f"B=1 H={HEADS} D={DIM} windows {WINDOWS}; fp32 torch.mm 2048^2: {rate:.0f} GFLOP/s; "
-        f"medians of {args.reps} interleaved runs; auto = dense up to N={DENSE_AUTO_MAX_LEN}"
+        f"medians of {args.reps} interleaved runs; auto = dense up to N={dense_crossover(WINDOWS[0])}"
     )
     results: dict[int, dict] = {}
     for n in ns:
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     if fast_wins:
         print(
             f"\ncompact fast beats dense (fwd+bwd) from N={min(fast_wins)} in this run; "
-            f"auto switches above N={DENSE_AUTO_MAX_LEN}"
+            f"auto switches above N={dense_crossover(WINDOWS[0])}"
         )
     if args.json:
         Path(args.json).write_text(

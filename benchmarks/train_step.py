@@ -93,7 +93,7 @@ def time_backend(cfg: ModelConfig, backend: str, batch, args, device: torch.devi
     return {
         "backend": backend,
         "tokens": ids.numel(),
-        "runs": choose_backend(ids.shape[1], device, backend),
+        "runs": choose_backend(ids.shape[1], device, backend, token_window=cfg.mlswa.window_size_per_level[0]),
         "s_per_step": step_s,
         "tokens_per_s": ids.numel() / step_s,
         "peak_gib": peak,

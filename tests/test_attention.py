@@ -328,6 +328,11 @@ def test_auto_dispatch_by_length():
     assert choose_backend(DENSE_AUTO_MAX_LEN, "cpu") == "dense"
     assert choose_backend(DENSE_AUTO_MAX_LEN + 1, "cpu") == "compact"
     assert choose_backend(64, "cpu", "compact") == "compact"
+    # narrow token windows move the crossover down (measured: ~20 windows at w=32), never below 512
+    assert choose_backend(640, "cpu", token_window=32) == "dense"
+    assert choose_backend(641, "cpu", token_window=32) == "compact"
+    assert choose_backend(512, "cpu", token_window=4) == "dense"
+    assert choose_backend(1024, "cpu", token_window=256) == "dense"
     with pytest.raises(ValueError, match="backend"):
         choose_backend(64, "cpu", "fast")
 

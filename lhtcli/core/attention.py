@@ -22,7 +22,8 @@ Backends (``model.mlswa.backend``):
   the fastest below about 1.3k tokens on CPU.
 * ``flex`` - FlexAttention over "extended keys" (one copy of each boundary token's key appended
   after the sequence, so hierarchical links land in a few extra key blocks), for CUDA.
-* ``auto`` - dense up to :data:`DENSE_AUTO_MAX_LEN` tokens, compact above.
+* ``auto`` - dense up to a crossover length, compact above: :data:`DENSE_AUTO_MAX_LEN` tokens for
+  wide token windows, less for narrow ones (see :func:`dense_crossover`).
 
 Plans (indices and band masks) depend only on the document structure: :class:`MLSWAContext` builds
 one per batch and ``max_level`` and shares it across layers and heads.
@@ -48,6 +49,11 @@ MIN_CHUNK = 16
 # auto runs dense up to this many tokens: one masked SDPA call beats the banded kernels below the
 # crossover measured on CPU by benchmarks/attention.py (dense is faster at 1024, compact at 1536).
 DENSE_AUTO_MAX_LEN = 1280
+# Narrow token windows make the compact path cheaper per token while dense stays quadratic: measured
+# crossovers are ~5 windows at w=256 and ~20 windows at w=32 (between 512 and 1024 tokens), so auto
+# keeps dense up to DENSE_PER_WINDOW windows, clamped to [DENSE_AUTO_MIN_LEN, DENSE_AUTO_MAX_LEN].
+DENSE_PER_WINDOW = 20
+DENSE_AUTO_MIN_LEN = 512
 BACKENDS = ("auto", "dense", "compact", "flex")
 
 _FLASH_FORWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -1049,13 +1055,23 @@ def flex_compact_attention(
 # ----------------------------------------------------------------------------------------------
 # dispatch
 # ----------------------------------------------------------------------------------------------
-def choose_backend(seq_len: int, device: torch.device | str, requested: str = "auto") -> str:
-    """The backend that runs: ``requested``, or for ``auto`` dense on short sequences and compact above."""
+def dense_crossover(token_window: int | None = None) -> int:
+    """Longest sequence ``auto`` runs dense for this level-0 window (None: a wide window)."""
+    if token_window is None:
+        return DENSE_AUTO_MAX_LEN
+    return max(DENSE_AUTO_MIN_LEN, min(DENSE_AUTO_MAX_LEN, DENSE_PER_WINDOW * int(token_window)))
+
+
+def choose_backend(
+    seq_len: int, device: torch.device | str, requested: str = "auto", token_window: int | None = None
+) -> str:
+    """The backend that runs: ``requested``, or for ``auto`` dense on short sequences and compact above
+    (the crossover depends on the token window, see :func:`dense_crossover`)."""
     if requested not in BACKENDS:
         raise ValueError(f"unknown attention backend {requested!r} (expected one of {', '.join(BACKENDS)})")
     if requested != "auto":
         return requested
-    return "dense" if seq_len <= DENSE_AUTO_MAX_LEN else "compact"
+    return "dense" if seq_len <= dense_crossover(token_window) else "compact"
 
 
 def mlswa_attention(
@@ -1079,7 +1095,7 @@ def mlswa_attention(
         raise ValueError(f"q, k, v must be [B, N, H, D], got q of shape {tuple(q.shape)}")
     positions = positions.batched()
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-    chosen = choose_backend(q.shape[1], q.device, backend)
+    chosen = choose_backend(q.shape[1], q.device, backend, token_window=int(window_size_per_level[0]))
     if chosen == "compact":
         plan = plan or build_mlswa_plan(positions, window_size_per_level, max_level)
         out = fast_compact_attention(qh, kh, vh, plan, scale)
@@ -1106,7 +1122,8 @@ class MLSWAContext:
     ) -> None:
         self.positions = positions.batched()
         self.windows = [int(w) for w in window_size_per_level]
-        self.backend = choose_backend(self.positions.seq_len, self.positions.device, backend)
+        self.backend = choose_backend(self.positions.seq_len, self.positions.device, backend,
+                                      token_window=self.windows[0])
         self._prepared: dict[int, Any] = {}
 
     def prepared(self, max_level: int):
