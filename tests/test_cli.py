@@ -328,7 +328,7 @@ def test_config_validate_checks_data_paths(capsys):
 
 def _lht_invocations(text: str) -> list[list[str]]:
     found = []
-    for line in text.splitlines():
+    for line in text.replace("\\\n", " ").splitlines():  # join backslash-continued lines
         line = line.split(" # ")[0].strip()
         for part in re.split(r"&&|\|\||;|\|", line):
             words = shlex.split(part.split(">")[0], comments=True)

@@ -70,11 +70,12 @@ def entropy_table(report: EntropyReport, per_head: bool = False, title: str | No
     per-level mass; flagged means are coloured, with the legend as the caption."""
     from lhtcli.diagnostics.attention_stats import level_name
 
-    table = Table(title=title or "Attention entropy", caption=entropy_legend(), caption_justify="left")
-    table.add_column("Layer", justify="right")
+    table = Table(title=title or "Attention entropy", caption=entropy_legend(), caption_justify="left",
+                  pad_edge=False)
+    table.add_column("Layer", justify="right", no_wrap=True, min_width=5)
     if per_head:
         table.add_column("Head", justify="right")
-    table.add_column("Lvl", justify="right")
+    table.add_column("Lvl", justify="right", no_wrap=True)
     for name in ("Mean", "Std", "Min", "Max", "Norm"):
         table.add_column(name, justify="right", no_wrap=True)
     for level in range(report.num_levels):
