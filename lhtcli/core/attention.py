@@ -441,10 +441,16 @@ def compact_attention(
         out0, lse0 = _band_partial(*(_gather_rows(t, lp0.index) for t in (q, k, v)), lp0, scale)
         out0 = _to_slots(out0, lp0.index, n + 1, 0.0)[:, :, :n]
         lse0 = _to_slots(lse0, lp0.index, n + 1, NEG_INF)[:, :, :n]
+    return _add_boundary(q, k, v, out0, lse0, plan, scale, collect_levels)
+
+
+def _add_boundary(q, k, v, out0, lse0, plan: MLSWAPlan, scale: float, collect_levels: bool,
+                  band=None) -> AttentionResult:
+    """Merge the pairs of levels >= 1 and the [DOC] rule into level 0's (out0, lse0) [B, H, N, *]."""
     if plan.boundary is None:
         return AttentionResult(out0, lse0, [lse0] if collect_levels else None)
     inputs = _BoundaryInputs.gather(q, k, v, plan)
-    (out_b, lse_b), level_lse = _boundary_partials(inputs, plan, scale, collect_levels=collect_levels)
+    (out_b, lse_b), level_lse = _boundary_partials(inputs, plan, scale, collect_levels=collect_levels, band=band)
     index = plan.boundary.index
     out_b, lse_b = _merge(_gather_rows(out0, index), _gather_rows(lse0, index), out_b, lse_b)
     out = _write_boundary(out0, out_b, plan, inplace=False)
@@ -660,26 +666,12 @@ def flash_compact_result(q, k, v, plan: MLSWAPlan, scale: float | None = None,
     if not (flash_available(q) and plan.levels[0].is_prefix):
         raise ValueError("flash_compact_result needs a CPU flash dtype and a plan without padding holes")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    out, lse, _, _ = _flash_band(q, k, v, plan, 0, scale)
-    if plan.boundary is None:
-        return AttentionResult(out, lse, [lse] if collect_levels else None)
-    inputs = _BoundaryInputs.gather(q, k, v, plan)
+    out0, lse0, _, _ = _flash_band(q, k, v, plan, 0, scale)
 
     def band(ql, kl, vl, lp, scale):
         return _flash_band(ql, kl, vl, plan, lp.level, scale)[:2]
 
-    (out_b, lse_b), level_lse = _boundary_partials(inputs, plan, scale, collect_levels=collect_levels, band=band)
-    lse0 = lse.clone() if collect_levels else lse
-    index = plan.boundary.index
-    merged = _merge(_gather_rows(out, index), _gather_rows(lse, index), out_b, lse_b.to(lse.dtype))
-    _write_boundary(out, merged[0], plan, inplace=True)
-    _write_boundary(lse, merged[1], plan, inplace=True)
-    levels = None
-    if collect_levels:
-        levels = [lse0]
-        for per_level in level_lse:
-            levels.append(_write_boundary(lse0.new_full(lse0.shape, NEG_INF), per_level, plan, inplace=False))
-    return AttentionResult(out, lse, levels)
+    return _add_boundary(q, k, v, out0, lse0, plan, scale, collect_levels, band=band)
 
 
 class _FlashCompact(torch.autograd.Function):
