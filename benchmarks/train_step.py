@@ -77,7 +77,7 @@ def time_backend(cfg: ModelConfig, backend: str, batch, args, device: torch.devi
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         with amp:
-            loss = model(ids, positions, labels=labels).loss
+            loss = model(ids, positions, labels=labels, return_logits=False).loss  # the head as training runs it
         loss.backward()
         opt.step()
         sync(device)
@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rate = matmul_rate(device, torch.bfloat16 if mixed else torch.float32)
     probe = LHTEncoder(cfg)
-    params, flops_per_token = probe.num_parameters(), probe.flops_per_token(seq_len)
+    # The head runs on the labelled 15% only, as in training.
+    params, flops_per_token = probe.num_parameters(), probe.flops_per_token(seq_len, head_fraction=0.15)
     del probe
     print(
         f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}; model "

@@ -204,12 +204,13 @@ class LHTEncoder(nn.Module):
     def num_parameters(self, trainable_only: bool = True) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-    def flops_per_token(self, seq_len: int) -> float:
+    def flops_per_token(self, seq_len: int, head_fraction: float = 1.0) -> float:
         """Training FLOPs per token (forward + backward = 3x forward): matmuls plus attention over the
-        average number of allowed keys (bounded by the token window for long sequences)."""
+        average number of allowed keys (bounded by the token window for long sequences).
+        ``head_fraction``: share of the tokens the MLM head runs on (training: the labelled ~15%)."""
         cfg = self.cfg
         dense = 2 * (4 * cfg.d_model**2 + 2 * cfg.d_model * cfg.d_ff) * cfg.num_layers
-        head = 2 * cfg.d_model * (cfg.d_model + (cfg.vocab_size or 0))
+        head = 2 * cfg.d_model * (cfg.d_model + (cfg.vocab_size or 0)) * head_fraction
         keys = min(seq_len, 2 * cfg.mlswa.window_size_per_level[0] + 1)
         attention = 2 * 2 * keys * cfg.d_model * cfg.num_layers
         return 3.0 * (dense + head + attention)
