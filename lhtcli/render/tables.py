@@ -70,11 +70,12 @@ def entropy_table(report: EntropyReport, per_head: bool = False, title: str | No
     per-level mass; flagged means are coloured, with the legend as the caption."""
     from lhtcli.diagnostics.attention_stats import level_name
 
+    # Every column must stay readable in an 80-column terminal, the per-head layout included.
     table = Table(title=title or "Attention entropy", caption=entropy_legend(), caption_justify="left",
-                  pad_edge=False)
+                  pad_edge=False, collapse_padding=per_head)
     table.add_column("Layer", justify="right", no_wrap=True, min_width=5)
     if per_head:
-        table.add_column("Head", justify="right")
+        table.add_column("Head", justify="right", no_wrap=True, min_width=4)
     table.add_column("Lvl", justify="right", no_wrap=True)
     for name in ("Mean", "Std", "Min", "Max", "Norm"):
         table.add_column(name, justify="right", no_wrap=True)
