@@ -283,6 +283,21 @@ def test_entropy_table_figure_and_positions_table(setup, tmp_path):
     assert_png(save_figure(entropy_figure(report), tmp_path / "entropy.png"))
 
 
+@pytest.mark.parametrize("per_head", [False, True])
+def test_entropy_table_fits_an_80_column_terminal(setup, per_head: bool):
+    model, ids, positions = setup
+    report = entropy_report(model, [(ids, positions)])
+    console = Console(record=True, width=80)
+    console.print(entropy_table(report, per_head=per_head))
+    lines = console.export_text().splitlines()
+    header = next(line for line in lines if "Mean" in line)
+    for name in ("Layer", "Lvl", "Mean", "Std", "Min", "Max", "Norm", "tok %", "sent %", "sec %"):
+        assert name in header, (name, header)
+    assert ("Head" in header) == per_head
+    assert all(len(line) <= 80 for line in lines)
+    assert "…" not in "\n".join(lines)  # nothing truncated
+
+
 def test_figures_work_with_wandb_image():
     """W&B's Image(figure) looks up matplotlib.pyplot; our figures never import it themselves,
     so check in a fresh process where nothing else has."""

@@ -72,7 +72,7 @@ def entropy_table(report: EntropyReport, per_head: bool = False, title: str | No
 
     # Every column must stay readable in an 80-column terminal, the per-head layout included.
     table = Table(title=title or "Attention entropy", caption=entropy_legend(), caption_justify="left",
-                  pad_edge=False, collapse_padding=per_head)
+                  pad_edge=False, collapse_padding=True)
     table.add_column("Layer", justify="right", no_wrap=True, min_width=5)
     if per_head:
         table.add_column("Head", justify="right", no_wrap=True, min_width=4)
