@@ -123,12 +123,16 @@ def mlswa_attention_probs(
 
 
 def _allowed_key_counts(positions: HierarchicalPositions, plan: MLSWAPlan) -> torch.Tensor:
-    """Allowed keys per query [B, N] from the log-sum-exp of all-zero scores (= log of the count)."""
-    batch, n = positions.batch_size, positions.seq_len
-    zeros = torch.zeros(batch, 1, n, 1, dtype=torch.float64, device=positions.device)
-    lse = compact_attention(zeros, zeros, zeros, plan, scale=1.0).lse[:, 0]
-    counts = torch.where(torch.isfinite(lse), torch.exp(lse), torch.zeros_like(lse))
-    return torch.round(counts).to(torch.long)
+    """Allowed keys per query [B, N] from the log-sum-exp of all-zero scores (= log of the count).
+
+    They depend on the plan alone, so layers sharing a plan share one computation (cached on it)."""
+    if "key_counts" not in plan.cache:
+        batch, n = positions.batch_size, positions.seq_len
+        zeros = torch.zeros(batch, 1, n, 1, dtype=torch.float64, device=positions.device)
+        lse = compact_attention(zeros, zeros, zeros, plan, scale=1.0).lse[:, 0]
+        counts = torch.where(torch.isfinite(lse), torch.exp(lse), torch.zeros_like(lse))
+        plan.cache["key_counts"] = torch.round(counts).to(torch.long)
+    return plan.cache["key_counts"]
 
 
 def mlswa_row_stats(
