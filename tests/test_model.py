@@ -3,7 +3,7 @@ import torch
 
 from lhtcli.config import ModelConfig
 from lhtcli.core import HierarchicalPositions, positions_from_lengths
-from lhtcli.model import LHTEncoder
+from lhtcli.model import LHTEncoder, RotaryEmbedding, apply_rotary
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -105,3 +105,45 @@ def test_masked_only_head_gives_the_same_loss():
     masked = model(ids, batch, labels=labels, return_logits=False)
     torch.testing.assert_close(masked.loss, full.loss)
     assert masked.mlm_logits.shape == (int((labels != -100).sum()), 64)
+
+
+def _pairwise_rotation(x, angles):
+    """RoPE as written in the paper: pair (x[2i], x[2i+1]) turned by angle i, in real arithmetic."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    cos, sin = angles.cos(), angles.sin()
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1).flatten(-2)
+
+
+def test_rotary_equals_the_pairwise_rotation_on_strided_views_in_float64():
+    torch.manual_seed(0)
+    batch, n, heads, dim = 2, 7, 3, 8
+    qkv = torch.randn(batch, n, 3, heads, dim, dtype=torch.float64).permute(2, 0, 3, 1, 4)  # the model's view
+    token_pos = torch.arange(n).expand(batch, n)
+    rope = RotaryEmbedding(dim)
+    rotation = rope(token_pos)
+    angles = (token_pos.float()[..., None] * rope.inv_freq)[:, None].double()
+    for x in (qkv[:2], qkv[1], qkv[0].contiguous()):
+        assert torch.allclose(apply_rotary(x, rotation), _pairwise_rotation(x, angles), atol=1e-6, rtol=0)
+        assert apply_rotary(x, rotation).dtype == torch.float64
+
+
+def test_rotary_scores_depend_only_on_the_offset_and_gradients_flow():
+    torch.manual_seed(0)
+    dim = 16
+    rope = RotaryEmbedding(dim)
+    q, k = torch.randn(dim, dtype=torch.float64), torch.randn(dim, dtype=torch.float64)
+    rotation = rope(torch.arange(40)[None])[0, 0]  # [N, D/2]
+    def score(i, j):
+        return apply_rotary(q, rotation[i]) @ apply_rotary(k, rotation[j])
+    assert score(3, 1) == pytest.approx(float(score(30, 28)), abs=1e-5)
+    assert score(3, 1) != pytest.approx(float(score(3, 2)), abs=1e-3)
+    x = torch.randn(2, 5, dim, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: apply_rotary(t, rotation[:5].to(torch.complex128)), (x,))
+
+
+def test_rotary_keeps_half_precision_inputs_in_their_dtype():
+    x = torch.randn(2, 4, 8).to(torch.bfloat16)
+    rotation = RotaryEmbedding(8)(torch.arange(4)[None])[0, 0]
+    out = apply_rotary(x, rotation)
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), apply_rotary(x.float(), rotation), atol=1e-2)
