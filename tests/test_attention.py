@@ -439,3 +439,29 @@ def test_compact_path_allocates_nothing_quadratic(backend: str):
 def test_the_quadratic_probe_sees_the_dense_mask():
     largest, n = _largest_tensor("dense", 84)
     assert largest >= n * n
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("windows", [[3, 1, 1], [16, 4, 2], [40, 5, 2]])
+def test_contiguous_level0_band_and_mask_equal_the_generic_construction(seed, windows):
+    """Level 0's band is built from one [C, K] pattern and the float mask by one broadcast add; both
+    must equal the per-pair construction, padding rows and the ends of the sequence included."""
+    from lhtcli.core.flash import _level_mask, _rows_with_keys
+    from lhtcli.core.mask import level_enums
+    from lhtcli.core.plan import NEG_INF as NEG
+    from lhtcli.core.plan import _band, _compact_order
+
+    positions = make_positions(seed, batch=3, sections=(1, 8), sentences=(1, 8), length=(1, 12), pad=5)
+    plan = build_mlswa_plan(positions, windows)
+    lp = plan.levels[0]
+    assert lp.contiguous
+    enums = level_enums(positions, windows)[0]
+    order, valid, _ = _compact_order(enums != 0, positions.seq_len)
+    e = torch.where(valid, torch.gather(enums, 1, order), 0)
+    generic = _band(e, valid, windows[0], lp.chunk, lp.halo)
+    assert torch.equal(lp.band_mask[:, 0], generic)
+    has, _ = _rows_with_keys(plan, 0)
+    opened = generic | ~has.view(generic.shape[0], lp.num_chunks, lp.chunk, 1)
+    want = torch.where(opened, 0.0, NEG)
+    assert torch.equal(_level_mask(plan, 0, torch.float32), want)
+    assert torch.equal(_level_mask(plan, 0, torch.float64), want.double())

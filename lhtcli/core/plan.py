@@ -35,6 +35,8 @@ class LevelPlan:
     is_prefix: bool  # participants are positions 0..count-1 in every row: slice instead of gather
     band_mask: torch.Tensor  # [B, 1, nc, C, C + 2 * halo]
     to_boundary: torch.Tensor | None = None  # [B, M] slot among the boundary rows (levels >= 1)
+    # the band is one [C, K] pattern cut by the row's participant count (see contiguous_band_parts)
+    contiguous: bool = False
 
     @property
     def num_chunks(self) -> int:
@@ -99,6 +101,30 @@ def _allowed(eq: torch.Tensor, ek: torch.Tensor, window: int) -> torch.Tensor:
     return (eq != 0) & (ek != 0) & ((eq - ek).abs() <= window)
 
 
+def contiguous_band_parts(
+    counts: torch.Tensor, window: int, chunk: int, halo: int, nc: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The band of a level whose enumeration is 1, 2, 3, ... over its participants, factored:
+    (pattern [C, K]: |q - k| <= window within a chunk's key window, keys_ok [B, nc, K]: the key slot
+    holds a participant, queries_ok [B, nc, C]). Their broadcast AND is the band; building it this way
+    costs two broadcast ops instead of four full-size ones."""
+    device = counts.device
+    width = chunk + 2 * halo
+    offset = torch.arange(chunk, device=device)[:, None] + halo - torch.arange(width, device=device)
+    pattern = offset.abs() <= window
+    key_slot = torch.arange(width, device=device) - halo + chunk * torch.arange(nc, device=device)[:, None]
+    counts = counts[:, None, None]
+    keys_ok = (key_slot >= 0) & (key_slot < counts)
+    queries_ok = torch.arange(nc * chunk, device=device).view(nc, chunk) < counts
+    return pattern, keys_ok, queries_ok
+
+
+def _is_contiguous(e: torch.Tensor, valid: torch.Tensor) -> bool:
+    """The valid slots (a prefix) are enumerated 1, 2, 3, ...: slot distance is enumeration distance."""
+    slots = torch.arange(1, e.shape[1] + 1, device=e.device)
+    return bool(((e == slots) | ~valid).all())
+
+
 def _band(e: torch.Tensor, valid: torch.Tensor, window: int, chunk: int, halo: int) -> torch.Tensor:
     """Chunked band mask [B, nc, C, C + 2*halo] of one level: |e_q - e_k| <= window among participants.
 
@@ -156,13 +182,24 @@ def build_mlswa_plan(
         reach = min(window, m)  # enumerations increase, so allowed keys lie within `window` slots
         chunk = _chunk_size(reach, m, LEVEL0_MAX_CHUNK if level == 0 else MAX_CHUNK)
         halo = -(-reach // chunk) * chunk
-        band = _band(ev[level], valid, window, chunk, halo)
+        contiguous = level == 0 and _is_contiguous(ev[level], valid)
+        if contiguous:
+            counts = valid.sum(1)
+            pattern, keys_ok, queries_ok = contiguous_band_parts(counts, window, chunk, halo, -(-m // chunk))
+            band = pattern & keys_ok[:, :, None, :]
+            for b, count in enumerate(counts.tolist()):  # rows past the participants (few chunks) see nothing
+                first = count // chunk
+                band[b, first:] &= queries_ok[b, first:, :, None]
+        else:
+            band = _band(ev[level], valid, window, chunk, halo)
         if level:
             eq = _chunk_queries(ev[:level, ..., None], chunk)  # [l, B, nc, C, 1]
             ek = _key_windows(ev[:level, ..., None], chunk, halo).transpose(-1, -2)  # [l, B, nc, 1, C+2h]
             for lower in range(level):
                 band &= ~_allowed(eq[lower], ek[lower], windows[lower])
-        levels.append(LevelPlan(level, window, chunk, halo, m, index, is_prefix, band[:, None]))
+        levels.append(
+            LevelPlan(level, window, chunk, halo, m, index, is_prefix, band[:, None], contiguous=contiguous)
+        )
 
     doc_link_mask = None
     if doc_rule_active(positions, windows, max_level):
