@@ -177,6 +177,11 @@ class Case:
             return lambda q, k, v: state.attend(q, k, v, len(WINDOWS) - 1)
         return lambda q, k, v: flex_compact_attention(q, k, v, state)
 
+    def heads(self) -> list[torch.Tensor]:
+        """q, k, v split as the model splits them (unbind: its backward is one stack, not three
+        zero-filled copies of the packed gradient)."""
+        return [t.transpose(1, 2) for t in self.qkv.unbind(2)]
+
     def run(self, method: str, mode: str) -> float:
         """One call in ms; mode "fwd" (no grad) or "fwdbwd"."""
         fn = self.fn(method)
@@ -185,9 +190,9 @@ class Case:
         start = time.perf_counter()
         if mode == "fwd":
             with torch.no_grad():
-                fn(*(self.qkv[:, :, i].transpose(1, 2) for i in range(3)))
+                fn(*self.heads())
         else:
-            fn(*(self.qkv[:, :, i].transpose(1, 2) for i in range(3))).backward(self.grad_out)
+            fn(*self.heads()).backward(self.grad_out)
         sync(self.device)
         return (time.perf_counter() - start) * 1e3
 

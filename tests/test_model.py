@@ -3,7 +3,7 @@ import torch
 
 from lhtcli.config import ModelConfig
 from lhtcli.core import HierarchicalPositions, positions_from_lengths
-from lhtcli.model import LHTEncoder, RotaryEmbedding, apply_rotary
+from lhtcli.model import Dropout, LHTEncoder, RotaryEmbedding, apply_rotary
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -147,3 +147,30 @@ def test_rotary_keeps_half_precision_inputs_in_their_dtype():
     out = apply_rotary(x, rotation)
     assert out.dtype == torch.bfloat16
     assert torch.allclose(out.float(), apply_rotary(x.float(), rotation), atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_dropout_drops_p_of_the_values_scales_the_rest_and_gradients_follow_the_mask(dtype):
+    torch.manual_seed(0)
+    layer = Dropout(0.25)
+    x = torch.rand(1000, 1000, dtype=torch.float64).add_(0.5).to(dtype).requires_grad_(True)
+    y = layer(x)
+    assert y.dtype == dtype
+    dropped = y == 0
+    assert abs(dropped.double().mean().item() - 0.25) < 0.003
+    kept = ~dropped
+    assert torch.allclose(y[kept].double(), x[kept].double() / 0.75, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+    y.sum().backward()
+    assert torch.equal(x.grad == 0, dropped)
+    torch.manual_seed(1)
+    first = layer(x.detach())
+    torch.manual_seed(1)
+    assert torch.equal(layer(x.detach()), first)  # seeded: training stays reproducible
+
+
+def test_dropout_is_the_identity_in_eval_and_at_zero():
+    x = torch.randn(50, 50)
+    assert Dropout(0.0).train()(x) is x
+    assert Dropout(0.5).eval()(x) is x
+    with pytest.raises(ValueError):
+        Dropout(1.0)
