@@ -8,6 +8,7 @@ dense mask), as training does for every new batch.
 
     python benchmarks/train_step.py                        # 6 layers, d_model 256, N=4096 on CPU
     python benchmarks/train_step.py --backends auto,dense --steps 5
+    python benchmarks/train_step.py --interleave --steps 7     # steadier ratio on a noisy machine
     python benchmarks/train_step.py --config configs/pretrain_hierarchical.yaml --device cuda
 """
 
@@ -52,18 +53,50 @@ def make_batch(batch: int, seq_len: int, vocab: int, device: torch.device, seed:
     return ids.to(device), positions.to(device), labels.to(device)
 
 
-def time_backend(cfg: ModelConfig, backend: str, batch, args, device: torch.device) -> dict:
+def build(cfg: ModelConfig, backend: str, device: torch.device):
     cfg = cfg.model_copy(deep=True)
     cfg.mlswa.backend = backend
     torch.manual_seed(0)
     model = LHTEncoder(cfg).to(device)
-    opt = torch.optim.AdamW(model.optimizer_groups(0.01), lr=1e-4)
+    return cfg, model, torch.optim.AdamW(model.optimizer_groups(0.01), lr=1e-4)
+
+
+def one_step(model, opt, batch, amp, device: torch.device) -> tuple[float, float]:
+    """(seconds, loss) of forward + backward + AdamW step, with a fresh attention context."""
     ids, positions, labels = batch
-    amp = (
-        torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        if device.type == "cuda" and args.amp == "bf16"
-        else contextlib.nullcontext()
-    )
+    sync(device)
+    start = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    with amp:
+        loss = model(ids, positions, labels=labels, return_logits=False).loss  # the head as training runs it
+    loss.backward()
+    opt.step()
+    sync(device)
+    return time.perf_counter() - start, float(loss.detach())
+
+
+def autocast(args, device: torch.device):
+    if device.type == "cuda" and args.amp == "bf16":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def result(cfg: ModelConfig, backend: str, batch, times: list[float], first_loss: float, peak, device) -> dict:
+    ids = batch[0]
+    step_s = statistics.median(times)
+    return {
+        "backend": backend,
+        "tokens": ids.numel(),
+        "runs": choose_backend(ids.shape[1], device, backend, token_window=cfg.mlswa.window_size_per_level[0]),
+        "s_per_step": step_s,
+        "tokens_per_s": ids.numel() / step_s,
+        "peak_gib": peak,
+        "first_loss": first_loss,
+    }
+
+
+def time_backend(cfg: ModelConfig, backend: str, batch, args, device: torch.device) -> dict:
+    cfg, model, opt = build(cfg, backend, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -73,32 +106,31 @@ def time_backend(cfg: ModelConfig, backend: str, batch, args, device: torch.devi
         base = _proc_status_kib("VmRSS") * 1024
     times, losses = [], []
     for step in range(args.warmup + args.steps):
-        sync(device)
-        start = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        with amp:
-            loss = model(ids, positions, labels=labels, return_logits=False).loss  # the head as training runs it
-        loss.backward()
-        opt.step()
-        sync(device)
+        seconds, loss = one_step(model, opt, batch, autocast(args, device), device)
         if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-        losses.append(float(loss.detach()))
+            times.append(seconds)
+        losses.append(loss)
     if device.type == "cuda":
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30
     else:
         peak = (_proc_status_kib("VmHWM") * 1024 - base) / 2**30
-    step_s = statistics.median(times)
-    del model, opt
-    return {
-        "backend": backend,
-        "tokens": ids.numel(),
-        "runs": choose_backend(ids.shape[1], device, backend, token_window=cfg.mlswa.window_size_per_level[0]),
-        "s_per_step": step_s,
-        "tokens_per_s": ids.numel() / step_s,
-        "peak_gib": peak,
-        "first_loss": losses[0],
-    }
+    return result(cfg, backend, batch, times, losses[0], peak, device)
+
+
+def time_interleaved(cfg: ModelConfig, backends: list[str], batch, args, device: torch.device) -> list[dict]:
+    """All backends in one process, taking turns step by step, so that the machine's load swings
+    (10-50% on shared hosts) hit every backend alike; the ratio is then far steadier. No memory column."""
+    built = {b: build(cfg, b, device) for b in backends}
+    times: dict[str, list[float]] = {b: [] for b in backends}
+    first: dict[str, float] = {}
+    for step in range(args.warmup + args.steps):
+        for b, (_, model, opt) in built.items():
+            torch.manual_seed(step)  # the same dropout masks for every backend
+            seconds, loss = one_step(model, opt, batch, autocast(args, device), device)
+            first.setdefault(b, loss)
+            if step >= args.warmup:
+                times[b].append(seconds)
+    return [result(built[b][0], b, batch, times[b], first[b], float("nan"), device) for b in backends]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--amp", default="bf16", choices=["bf16", "none"], help="CUDA mixed precision")
     parser.add_argument("--in-process", action="store_true", help="CPU: no subprocess per backend")
+    parser.add_argument(
+        "--interleave", action="store_true", help="one process, backends take turns step by step (no memory column)"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -152,10 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         f"matmul rate {rate:.0f} GFLOP/s; median of {args.steps} steps after {args.warmup} warm-up",
         flush=True,
     )
-    isolate = device.type == "cpu" and not args.in_process  # peak RSS is per process
+    isolate = device.type == "cpu" and not (args.in_process or args.interleave)  # peak RSS is per process
     batch = None if isolate else make_batch(batch_size, seq_len, cfg.vocab_size, device)
     rows = []
-    for backend in args.backends.split(","):
+    if args.interleave:
+        rows = time_interleaved(cfg, args.backends.split(","), batch, args, device)
+    for backend in [] if args.interleave else args.backends.split(","):
         if isolate:
             child = [a for a in (argv if argv is not None else sys.argv[1:])]
             cmd = [sys.executable, __file__, *child, "--backends", backend, "--child"]
@@ -174,9 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         mfu = 100 * flops_per_token * r["tokens_per_s"] / (rate * 1e9)
         speed = f"{base['s_per_step'] / r['s_per_step']:.2f}x" if base else "-"
+        peak = "-" if math.isnan(r["peak_gib"]) else f"{r['peak_gib']:.2f}"
         print(
             f"| {r['backend']} ({r['runs']}) | {r['s_per_step']:.3f} | {r['tokens_per_s']:,.0f} | "
-            f"{mfu:.1f} | {r['peak_gib']:.2f} | {speed} |"
+            f"{mfu:.1f} | {peak} | {speed} |"
         )
     losses = {r["backend"]: r["first_loss"] for r in rows}
     spread = max(losses.values()) - min(losses.values())
