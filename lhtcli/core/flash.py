@@ -21,6 +21,7 @@ from lhtcli.core.compact import (
     _write_boundary,
     compact_attention,
 )
+from lhtcli.core.native import band_kernel
 from lhtcli.core.plan import (
     NEG_INF,
     LevelPlan,
@@ -231,10 +232,53 @@ def _fold_windows(grad: torch.Tensor, lp: LevelPlan, m: int) -> torch.Tensor:
     return rows.transpose(0, 1)
 
 
+# ----------------------------------------------------------------------------------------------
+# level 0 through the native band kernel (core/native.py) where it is available
+# ----------------------------------------------------------------------------------------------
+def _native_level0(q: torch.Tensor, plan: MLSWAPlan):
+    """The native kernel when it can run this plan's level 0 (float32 CPU, a contiguous band), else None."""
+    lp = plan.levels[0]
+    if q.dtype != torch.float32 or q.device.type != "cpu" or not (lp.contiguous and lp.is_prefix):
+        return None
+    return band_kernel()
+
+
+def _level0_lengths(plan: MLSWAPlan) -> torch.Tensor:
+    if "level0_lengths" not in plan.cache:
+        plan.cache["level0_lengths"] = (plan.levels[0].index < plan.seq_len).sum(1).to(torch.long).cpu()
+    return plan.cache["level0_lengths"]
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _native_forward(kernel, q, k, v, plan: MLSWAPlan, scale: float):
+    window = min(plan.levels[0].window, plan.seq_len)
+    out, lse = kernel.band_forward(
+        *(_last_dim_contiguous(t) for t in (q, k, v)), _level0_lengths(plan), window, scale
+    )
+    return out.transpose(1, 2), lse  # out is token-major underneath, as the flash path's
+
+
+def _native_backward(kernel, grad_out, q, k, v, out, lse, plan: MLSWAPlan, scale: float):
+    window = min(plan.levels[0].window, plan.seq_len)
+    grads = kernel.band_backward(
+        *(_last_dim_contiguous(t) for t in (grad_out, q, k, v, out)), lse, _level0_lengths(plan), window, scale
+    )
+    return [g.transpose(1, 2) for g in grads]
+
+
 def _flash_forward(q, k, v, plan: MLSWAPlan, scale: float):
-    """Exact ML-SWA forward with every level's band in the CPU flash kernel: (out [B, H, N, D],
-    lse [B, H, N], padded level-0 keys and values)."""
-    out, lse, kp, vp = _flash_band(q, k, v, plan, 0, scale)
+    """Exact ML-SWA forward with every level's band in the CPU flash kernel (level 0 in the native
+    kernel where available): (out [B, H, N, D], lse [B, H, N], padded level-0 keys and values, or
+    None when the native kernel ran level 0)."""
+    kernel = _native_level0(q, plan)
+    if kernel is not None:
+        out, lse = _native_forward(kernel, q, k, v, plan, scale)
+        kp = vp = None
+    else:
+        out, lse, kp, vp = _flash_band(q, k, v, plan, 0, scale)
     if plan.boundary is not None:
         index = plan.boundary.index
         inputs = _BoundaryInputs.gather(q, k, v, plan)
@@ -287,7 +331,10 @@ class _FlashCompact(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, kp, vp, out, lse = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.scale
-        dq, dk, dv = _flash_band_backward(grad_out, q, kp, vp, out, lse, plan, 0, scale)
+        if kp is None:
+            dq, dk, dv = _native_backward(band_kernel(), grad_out, q, k, v, out, lse, plan, scale)
+        else:
+            dq, dk, dv = _flash_band_backward(grad_out, q, kp, vp, out, lse, plan, 0, scale)
         if plan.boundary is not None:
             _boundary_backward(grad_out, q, k, v, out, lse, plan, scale, (dq, dk, dv))
         return dq, dk, dv, None, None

@@ -1,0 +1,229 @@
+// Level 0 of ML-SWA on CPU (float32): banded attention |i - j| <= w among each row's first
+// `length` tokens, forward and backward, without masks or padded key windows.
+//
+// Each block of QB query rows multiplies against exactly the keys its rows may reach (QB + 2w, clipped
+// to the row's tokens); only the few columns at either end of a block fall outside a row's band, and
+// those are skipped rather than masked. Forward returns the output and the log-sum-exp; backward
+// takes the *merged* output and log-sum-exp of the whole ML-SWA softmax (the split-KV identity), so
+// the gradients it returns are exact for the level-0 pairs even when higher levels add keys.
+//
+// Built on first use by lhtcli/core/native.py (torch.utils.cpp_extension, -O3 -march=native);
+// matrix products go to the BLAS inside torch (sgemm_), the exponentials are AVX2/FMA.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+extern "C" void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                       const int*, const float*, const int*, const float*, float*, const int*);
+
+namespace {
+
+// row-major C[M x N] = alpha * op(A)[M x K] * op(B)[K x N] + beta * C
+inline void gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
+                 int ldb, float beta, float* c, int ldc) {
+  const char fa = ta ? 'T' : 'N', fb = tb ? 'T' : 'N';
+  sgemm_(&fb, &fa, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
+}
+
+// exp of 8 floats (Cephes polynomial, ~1 ulp); -inf -> 0
+inline __m256 exp8(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-88.3762626647949f);
+  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f), half = _mm256_set1_ps(0.5f);
+  const __m256 c1 = _mm256_set1_ps(0.693359375f), c2 = _mm256_set1_ps(-2.12194440e-4f);
+  __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, log2e, half));
+  x = _mm256_fnmadd_ps(fx, c1, x);
+  x = _mm256_fnmadd_ps(fx, c2, x);
+  __m256 z = _mm256_mul_ps(x, x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, half);
+  y = _mm256_fmadd_ps(y, z, x);
+  y = _mm256_add_ps(y, _mm256_set1_ps(1.0f));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+  return _mm256_andnot_ps(under, y);
+}
+
+// p[j] = exp(s[j] - m) for j in [0, n); returns the sum
+inline float exp_shift(float* s, int n, float m) {
+  __m256 vm = _mm256_set1_ps(m), acc = _mm256_setzero_ps();
+  int j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
+    _mm256_storeu_ps(s + j, p);
+    acc = _mm256_add_ps(acc, p);
+  }
+  float buf[8];
+  _mm256_storeu_ps(buf, acc);
+  float total = buf[0] + buf[1] + buf[2] + buf[3] + buf[4] + buf[5] + buf[6] + buf[7];
+  for (; j < n; ++j) {
+    float p = std::exp(s[j] - m);
+    s[j] = p;
+    total += p;
+  }
+  return total;
+}
+
+// Query rows per block: the keys of a block span QB + 2w rows (576 at w = 256: 1.12x the 513 allowed).
+constexpr int QB = 64;
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+// The allowed local key range of query row i: [i - w, i + w] clipped to [0, n), minus k_lo.
+inline void row_range(int64_t i, int64_t w, int64_t n, int64_t k_lo, int* a, int* b) {
+  int64_t lo = std::max<int64_t>(i - w, 0), hi = std::min<int64_t>(i + w + 1, n);
+  *a = int(lo - k_lo);
+  *b = int(hi - k_lo);
+}
+
+void check_inputs(const std::vector<torch::Tensor>& xs, const torch::Tensor& lengths) {
+  for (const auto& x : xs) {
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat, "band kernel: CPU float32 tensors only");
+    TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1, "band kernel: [B, H, N, D] tensors with a contiguous last dim");
+    TORCH_CHECK(x.sizes() == xs[0].sizes(), "band kernel: q, k, v (and grads) must have one shape");
+  }
+  TORCH_CHECK(lengths.scalar_type() == torch::kLong && lengths.dim() == 1 && lengths.size(0) == xs[0].size(0),
+              "band kernel: lengths must be int64 [B]");
+}
+
+}  // namespace
+
+// q, k, v: [B, H, N, D] float32, last dim contiguous; lengths [B] int64. Returns (out [B, N, H, D], lse [B, H, N]).
+std::vector<torch::Tensor> band_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lengths,
+                                        int64_t window, double scale) {
+  check_inputs({q, k, v}, lengths);
+  lengths = lengths.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
+  auto out = torch::zeros({B, N, H, D}, q.options());
+  auto lse = torch::full({B, H, N}, NEG_INF, q.options());
+  auto len = lengths.accessor<int64_t, 1>();
+  const int64_t nqb = (N + QB - 1) / QB;
+  const float* qp = q.data_ptr<float>(); const float* kp = k.data_ptr<float>(); const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>(); float* lp = lse.data_ptr<float>();
+  const int64_t qsb = q.stride(0), qsh = q.stride(1), qsn = q.stride(2);
+  const int64_t ksb = k.stride(0), ksh = k.stride(1), ksn = k.stride(2);
+  const int64_t vsb = v.stride(0), vsh = v.stride(1), vsn = v.stride(2);
+  const int64_t width = QB + 2 * window;
+  at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(QB * width), o(QB * D), inv(QB);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (H * nqb), h = (task / nqb) % H, blk = task % nqb;
+      const int64_t n = len[b], q0 = blk * QB;
+      if (q0 >= n) continue;
+      const int rows = int(std::min<int64_t>(QB, n - q0));
+      const int64_t k_lo = std::max<int64_t>(q0 - window, 0), k_hi = std::min<int64_t>(q0 + rows + window, n);
+      const int nk = int(k_hi - k_lo);
+      const float* qb = qp + b * qsb + h * qsh + q0 * qsn;
+      const float* kb = kp + b * ksb + h * ksh + k_lo * ksn;
+      const float* vb = vp + b * vsb + h * vsh + k_lo * vsn;
+      gemm(false, true, rows, nk, int(D), float(scale), qb, int(qsn), kb, int(ksn), 0.f, s.data(), nk);
+      float* lrow = lp + (b * H + h) * N + q0;
+      for (int r = 0; r < rows; ++r) {
+        float* sr = s.data() + r * nk;
+        int a, e;
+        row_range(q0 + r, window, n, k_lo, &a, &e);
+        std::fill(sr, sr + a, 0.f);
+        std::fill(sr + e, sr + nk, 0.f);
+        float m = NEG_INF;
+        for (int j = a; j < e; ++j) m = std::max(m, sr[j]);
+        const float total = exp_shift(sr + a, e - a, m);
+        lrow[r] = m + std::log(total);
+        inv[r] = 1.f / total;
+      }
+      gemm(false, false, rows, int(D), nk, 1.f, s.data(), nk, vb, int(vsn), 0.f, o.data(), int(D));
+      for (int r = 0; r < rows; ++r) {
+        float* dst = op + ((b * N + q0 + r) * H + h) * D;
+        const float* src = o.data() + r * D;
+        for (int64_t c = 0; c < D; ++c) dst[c] = src[c] * inv[r];
+      }
+    }
+  });
+  return {out, lse};
+}
+
+// Gradients of the level-0 pairs within the merged softmax (out, lse are the merged ones).
+std::vector<torch::Tensor> band_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                         torch::Tensor out, torch::Tensor lse, torch::Tensor lengths, int64_t window,
+                                         double scale) {
+  check_inputs({grad_out, q, k, v, out}, lengths);
+  TORCH_CHECK(lse.scalar_type() == torch::kFloat && lse.dim() == 3, "band kernel: lse must be float32 [B, H, N]");
+  lengths = lengths.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
+  auto dq = torch::zeros({B, N, H, D}, q.options());
+  auto dk = torch::zeros({B, N, H, D}, q.options());
+  auto dv = torch::zeros({B, N, H, D}, q.options());
+  auto len = lengths.accessor<int64_t, 1>();
+  const int64_t nqb = (N + QB - 1) / QB;
+  const float* qp = q.data_ptr<float>(); const float* kp = k.data_ptr<float>(); const float* vp = v.data_ptr<float>();
+  const float* gp = grad_out.data_ptr<float>(); const float* op = out.data_ptr<float>(); const float* lp = lse.data_ptr<float>();
+  float* dqp = dq.data_ptr<float>(); float* dkp = dk.data_ptr<float>(); float* dvp = dv.data_ptr<float>();
+  const int64_t qsb = q.stride(0), qsh = q.stride(1), qsn = q.stride(2);
+  const int64_t ksb = k.stride(0), ksh = k.stride(1), ksn = k.stride(2);
+  const int64_t vsb = v.stride(0), vsh = v.stride(1), vsn = v.stride(2);
+  const int64_t gsb = grad_out.stride(0), gsh = grad_out.stride(1), gsn = grad_out.stride(2);
+  const int64_t osb = out.stride(0), osh = out.stride(1), osn = out.stride(2);
+  const int64_t lsb = lse.stride(0), lsh = lse.stride(1), lsn = lse.stride(2);
+  const int64_t rs = H * D;  // row stride of the token-major gradients
+  const int64_t width = QB + 2 * window;
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(QB * width), dp(QB * width), delta(QB);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / H, h = task % H, n = len[b];
+      for (int64_t blk = 0; blk < nqb; ++blk) {
+        const int64_t q0 = blk * QB;
+        if (q0 >= n) break;
+        const int rows = int(std::min<int64_t>(QB, n - q0));
+        const int64_t k_lo = std::max<int64_t>(q0 - window, 0), k_hi = std::min<int64_t>(q0 + rows + window, n);
+        const int nk = int(k_hi - k_lo);
+        const float* qb = qp + b * qsb + h * qsh + q0 * qsn;
+        const float* kb = kp + b * ksb + h * ksh + k_lo * ksn;
+        const float* vb = vp + b * vsb + h * vsh + k_lo * vsn;
+        const float* gb = gp + b * gsb + h * gsh + q0 * gsn;
+        const float* ob = op + b * osb + h * osh + q0 * osn;
+        gemm(false, true, rows, nk, int(D), float(scale), qb, int(qsn), kb, int(ksn), 0.f, p.data(), nk);
+        for (int r = 0; r < rows; ++r) {
+          float* pr = p.data() + r * nk;
+          int a, e;
+          row_range(q0 + r, window, n, k_lo, &a, &e);
+          const float l = lp[b * lsb + h * lsh + (q0 + r) * lsn];
+          std::fill(pr, pr + a, 0.f);
+          std::fill(pr + e, pr + nk, 0.f);
+          exp_shift(pr + a, e - a, l);
+          float d = 0.f;
+          for (int64_t c = 0; c < D; ++c) d += gb[r * gsn + c] * ob[r * osn + c];
+          delta[r] = d;
+        }
+        // dV += P^T dO ; dP = dO V^T
+        gemm(true, false, nk, int(D), rows, 1.f, p.data(), nk, gb, int(gsn), 1.f, dvp + (b * N + k_lo) * rs + h * D, int(rs));
+        gemm(false, true, rows, nk, int(D), 1.f, gb, int(gsn), vb, int(vsn), 0.f, dp.data(), nk);
+        for (int r = 0; r < rows; ++r) {
+          float* pr = p.data() + r * nk;
+          float* dr = dp.data() + r * nk;
+          const __m256 dl = _mm256_set1_ps(delta[r]), sc = _mm256_set1_ps(float(scale));
+          int j = 0;
+          for (; j + 8 <= nk; j += 8) {
+            __m256 ds = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(pr + j), _mm256_sub_ps(_mm256_loadu_ps(dr + j), dl)), sc);
+            _mm256_storeu_ps(pr + j, ds);
+          }
+          for (; j < nk; ++j) pr[j] = pr[j] * (dr[j] - delta[r]) * float(scale);
+        }
+        // dQ = dS K ; dK += dS^T Q
+        gemm(false, false, rows, int(D), nk, 1.f, p.data(), nk, kb, int(ksn), 0.f, dqp + (b * N + q0) * rs + h * D, int(rs));
+        gemm(true, false, nk, int(D), rows, 1.f, p.data(), nk, qb, int(qsn), 1.f, dkp + (b * N + k_lo) * rs + h * D, int(rs));
+      }
+    }
+  });
+  return {dq, dk, dv};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("band_forward", &band_forward);
+  m.def("band_backward", &band_backward);
+}

@@ -1,0 +1,113 @@
+"""The level-0 band kernel in C++ (``band_kernel.cpp``), compiled on first use.
+
+The CPU flash kernel that the fast path otherwise uses for level 0 computes whole 64 x 512 blocks over
+padded key windows with an additive mask: 768 keys per query where 513 are allowed at w=256. The
+native kernel multiplies each block of 64 queries against exactly the keys its rows reach (576) and
+accumulates the key gradients in place: about 30% less time for level 0's forward+backward.
+
+It is built with ``torch.utils.cpp_extension`` (g++ and ninja, ``-O3 -march=native``: it runs on the
+machine that built it) into ``$LHT_KERNEL_CACHE`` (default ``$XDG_CACHE_HOME/lht/kernels`` or
+``~/.cache/lht/kernels``), once per source, torch version and CPU; that takes about 30 s. Anything
+missing (no compiler, no AVX2/FMA, not x86-64 Linux) or ``LHT_NATIVE_KERNEL=0`` leaves the flash
+kernel in place, with one warning when a build was attempted and failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+_SOURCE = Path(__file__).with_name("band_kernel.cpp")
+_LOCK = threading.Lock()
+_STATE: dict[str, Any] = {}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _why_unsupported() -> str | None:
+    if os.environ.get("LHT_NATIVE_KERNEL", "1").strip().lower() in ("0", "false", "no", "off"):
+        return "disabled by LHT_NATIVE_KERNEL"
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"needs x86-64 Linux, not {platform.system()} {platform.machine()}"
+    flags = _cpu_flags()
+    if not {"avx2", "fma"} <= flags:
+        return "the CPU lacks AVX2/FMA"
+    return None
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LHT_KERNEL_CACHE")
+    if root:
+        return Path(root).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lht" / "kernels"
+
+
+def _build_name() -> str:
+    import torch
+
+    key = hashlib.sha256()
+    key.update(_SOURCE.read_bytes())
+    key.update(torch.__version__.encode())
+    key.update(" ".join(sorted(_cpu_flags())).encode())  # -march=native code is only valid on this CPU
+    return f"lht_band_{key.hexdigest()[:16]}"
+
+
+def band_kernel():
+    """The compiled module (``band_forward``, ``band_backward``), or None where it cannot be had."""
+    if "module" in _STATE:
+        return _STATE["module"]
+    with _LOCK:
+        if "module" in _STATE:
+            return _STATE["module"]
+        module = None
+        reason = _why_unsupported()
+        if reason is None:
+            try:
+                from torch.utils.cpp_extension import load
+
+                name = _build_name()
+                build = cache_dir() / name
+                build.mkdir(parents=True, exist_ok=True)
+                module = load(
+                    name,
+                    [str(_SOURCE)],
+                    extra_cflags=["-O3", "-march=native", "-mavx2", "-mfma", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"],
+                    build_directory=str(build),
+                    verbose=False,
+                )
+            except Exception as exc:  # no compiler, no ninja, a read-only cache...: the flash path works
+                reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+                warnings.warn(
+                    f"ML-SWA native CPU kernel unavailable ({reason}); using the slower flash kernel path. "
+                    "Set LHT_NATIVE_KERNEL=0 to skip the build.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        _STATE["module"], _STATE["reason"] = module, reason
+        return module
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`band_kernel` returned None (after it has been called), else None."""
+    return _STATE.get("reason")
+
+
+def reset() -> None:
+    """Forget the loaded module so that the next call decides again (tests switch it off and on)."""
+    _STATE.clear()
