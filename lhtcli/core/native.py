@@ -19,6 +19,7 @@ import os
 import platform
 import threading
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,30 @@ def _build_name() -> str:
     return f"lht_band_{key.hexdigest()[:16]}"
 
 
+def _built_library(name: str) -> Path:
+    return cache_dir() / name / f"{name}.so"
+
+
+def is_built() -> bool:
+    """True when this source, torch and CPU already have a compiled module in the cache."""
+    return _why_unsupported() is None and _built_library(_build_name()).exists()
+
+
+def _import_built(name: str):
+    """Load an already built module directly: its name carries the hash of everything it was built
+    from, so no rebuild check (and no ninja run) is needed."""
+    import importlib.machinery
+    import importlib.util
+
+    import torch  # noqa: F401  (the module links against libtorch, which torch loads)
+
+    loader = importlib.machinery.ExtensionFileLoader(name, str(_built_library(name)))
+    spec = importlib.util.spec_from_file_location(name, str(_built_library(name)), loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
 def band_kernel():
     """The compiled module (``band_forward``, ``band_backward``), or None where it cannot be had."""
     if "module" in _STATE:
@@ -78,19 +103,22 @@ def band_kernel():
         reason = _why_unsupported()
         if reason is None:
             try:
-                from torch.utils.cpp_extension import load
-
                 name = _build_name()
-                build = cache_dir() / name
-                build.mkdir(parents=True, exist_ok=True)
-                module = load(
-                    name,
-                    [str(_SOURCE)],
-                    extra_cflags=["-O3", "-march=native", "-mavx2", "-mfma", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"],
-                    build_directory=str(build),
-                    verbose=False,
-                )
+                if _built_library(name).exists() and not (cache_dir() / name / "lock").exists():
+                    module = _import_built(name)  # (a "lock" means another process is building it now)
+                else:
+                    from torch.utils.cpp_extension import load
+
+                    build = cache_dir() / name
+                    build.mkdir(parents=True, exist_ok=True)
+                    module = load(
+                        name,
+                        [str(_SOURCE)],
+                        extra_cflags=["-O3", "-march=native", "-mavx2", "-mfma", "-fopenmp"],
+                        extra_ldflags=["-fopenmp"],
+                        build_directory=str(build),
+                        verbose=False,
+                    )
             except Exception as exc:  # no compiler, no ninja, a read-only cache...: the flash path works
                 reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
                 warnings.warn(
@@ -101,6 +129,20 @@ def band_kernel():
                 )
         _STATE["module"], _STATE["reason"] = module, reason
         return module
+
+
+def warm_up(status) -> str | None:
+    """Load the kernel now (building it under ``status(message)``, a context manager such as Rich's
+    ``console.status``, when it is not cached); returns why it is unavailable, or None."""
+    building = "module" not in _STATE and _why_unsupported() is None and not is_built()
+    with (
+        status("building the ML-SWA CPU kernel (once per machine, about 30 s)") if building else nullcontext(),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore", RuntimeWarning)  # the reason is returned instead
+        band_kernel()
+    reason = unavailable_reason()
+    return None if reason is None or reason.startswith("disabled") else reason
 
 
 def unavailable_reason() -> str | None:

@@ -15,6 +15,8 @@ import torch
 from rich.console import Console
 
 from lhtcli.config import LHTConfig
+from lhtcli.core import native
+from lhtcli.core.attention import choose_backend
 from lhtcli.errors import CheckpointError, ConfigError, LHTError
 from lhtcli.loggers import FanOutLogger, create_logger
 from lhtcli.model import LHTEncoder
@@ -182,6 +184,7 @@ class Trainer:
         )
         if self.dist.is_main:
             check_disk_space(cfg.checkpoint_dir(), self.model, self.tcfg.keep_checkpoints, self.warn)
+        self._prepare_attention_kernel()
         self.start_step = 0
         self.elapsed_before = 0.0  # training seconds of earlier invocations (resume)
         self.warmup_seconds: float | None = None  # training seconds when the warmup ended (LR decay by time)
@@ -221,6 +224,18 @@ class Trainer:
         if self.warmup_seconds is not None:
             state["warmup_seconds"] = self.warmup_seconds
         return state
+
+    def _prepare_attention_kernel(self) -> None:
+        """Build (first run) or load the native CPU attention kernel now, before the clock starts,
+        when the longest batches will run the compact backend."""
+        mcfg = self.cfg.model
+        backend = choose_backend(mcfg.max_seq_len, self.device, mcfg.mlswa.backend,
+                                 token_window=mcfg.mlswa.window_size_per_level[0])
+        if self.device.type != "cpu" or backend != "compact":
+            return
+        reason = native.warm_up(self.console.status)
+        if reason is not None:
+            self.warn(f"the native ML-SWA CPU kernel is unavailable ({reason}); attention uses the slower flash path")
 
     def warn(self, message: str) -> None:
         if self.console.quiet and self.dist.is_main:  # --quiet hides progress, never warnings

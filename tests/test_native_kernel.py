@@ -1,0 +1,188 @@
+"""The compiled level-0 band kernel (lhtcli/core/band_kernel.cpp) against float64 references, and its
+fallback to the flash kernel when it cannot be built or is switched off."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from lhtcli.core import native
+from lhtcli.core.attention import build_mlswa_plan, fast_compact_attention
+from lhtcli.core.flash import _native_level0
+from tests.test_attention import make_positions, make_qkv, reference, relative_error
+
+
+def _buildable() -> bool:
+    return native._why_unsupported() is None and shutil.which("g++") is not None and shutil.which("ninja") is not None
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    native.reset()
+    module = native.band_kernel()
+    if module is None:
+        if _buildable():
+            pytest.fail(f"the native kernel should build here: {native.unavailable_reason()}")
+        pytest.skip(f"native kernel unavailable here: {native.unavailable_reason()}")
+    return module
+
+
+@pytest.fixture
+def fresh_native(monkeypatch):
+    """Forget the loaded module around a test that changes how it is found."""
+    native.reset()
+    yield monkeypatch
+    monkeypatch.undo()
+    native.reset()
+
+
+def _band_reference(q, k, v, lengths, window, scale):
+    """float64 level-0 attention |i - j| <= window among each row's first ``length`` tokens."""
+    n = q.shape[2]
+    i = torch.arange(n)
+    real = i[None] < lengths[:, None]  # [B, N]
+    allowed = ((i[:, None] - i[None]).abs() <= window)[None] & real[:, :, None] & real[:, None, :]
+    scores = torch.einsum("bhnd,bhmd->bhnm", q, k) * scale
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    out = torch.einsum("bhnm,bhmd->bhnd", torch.softmax(scores, -1).nan_to_num(0.0), v)
+    return out, lse, real
+
+
+@pytest.mark.parametrize(
+    ("n", "lengths", "window", "dim"),
+    [
+        (300, [300, 211, 64], 20, 16),  # padding, rows of several lengths
+        (200, [200], 0, 8),  # each token only itself
+        (130, [130, 1], 1, 16),  # a one-token row
+        (90, [90, 77], 500, 16),  # window beyond the sequence: full attention
+        (700, [700, 650], 256, 64),  # the production window: blocks of 64 see 576 keys
+    ],
+)
+def test_native_band_matches_float64_forward_and_backward(kernel, n, lengths, window, dim):
+    gen = torch.Generator().manual_seed(n + window)
+    batch, heads = len(lengths), 3
+    lengths = torch.tensor(lengths)
+    # token-major storage viewed head-major, as the model hands them over
+    qkv = torch.randn(batch, n, 3, heads, dim, generator=gen, dtype=torch.float64)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    scale = dim**-0.5
+    want, want_lse, real = _band_reference(q, k, v, lengths, window, scale)
+    out, lse = kernel.band_forward(q.float(), k.float(), v.float(), lengths, min(window, n), scale)
+    out = out.transpose(1, 2)
+    rows = real[:, None].expand(-1, heads, -1)
+    assert relative_error(out[rows], want[rows]) < 1e-5
+    assert (lse.double() - want_lse)[rows].abs().max() < 1e-5
+    assert torch.all(out[~rows] == 0) and torch.all(lse[~rows] == float("-inf"))
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    ref_out, _, _ = _band_reference(*leaves, lengths, window, scale)
+    grad_out = torch.randn(ref_out.shape, generator=gen, dtype=torch.float64) * real[:, None, :, None]
+    want_grads = torch.autograd.grad(ref_out, leaves, grad_out)
+    got_grads = kernel.band_backward(
+        grad_out.float(), q.float(), k.float(), v.float(), out, lse, lengths, min(window, n), scale
+    )
+    for got, want_g in zip(got_grads, want_grads, strict=True):
+        got = got.transpose(1, 2)
+        # (window 0: a row's only key has probability 1, so the true dq and dk are exactly 0)
+        assert (got.double() - want_g).abs().max() <= 2e-5 * max(want_g.abs().max().item(), 1.0)
+        assert torch.all(got[~rows] == 0)
+
+
+@pytest.mark.parametrize("doc_token", [True, False])
+@pytest.mark.parametrize("windows", [[16, 3, 1], [64, 8, 2]])
+def test_fast_path_with_the_native_level0_matches_float64_with_gradients(kernel, doc_token, windows):
+    positions = make_positions(
+        7, batch=3, pad=6, doc_token=doc_token, sections=(3, 8), sentences=(3, 8), length=(3, 20)
+    )
+    q, k, v = make_qkv(positions, seed=4, dim=16, scale=1.0)
+    plan = build_mlswa_plan(positions, windows)
+    assert _native_level0(q.float(), plan) is kernel  # this test is about the native path
+    gen = torch.Generator().manual_seed(2)
+    grad_out = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    for max_level in range(3):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        want, _ = reference(*leaves, positions, windows, max_level)
+        want_grads = torch.autograd.grad(want, leaves, grad_out)
+        floats = [t.float().requires_grad_(True) for t in (q, k, v)]
+        got = fast_compact_attention(*floats, build_mlswa_plan(positions, windows, max_level), level0="flash")
+        got_grads = torch.autograd.grad(got, floats, grad_out.float())
+        assert relative_error(got, want) < 1e-5, max_level
+        for got_g, want_g in zip(got_grads, want_grads, strict=True):
+            assert relative_error(got_g, want_g) < 5e-5, max_level
+        padding = ~positions.real_mask
+        assert torch.all(got.detach().transpose(1, 2)[padding] == 0)
+
+
+def test_switched_off_by_environment_the_flash_path_gives_the_same_result(kernel, fresh_native):
+    positions = make_positions(3, batch=2, pad=4, sections=(3, 6), sentences=(3, 6), length=(3, 12))
+    q, k, v = (t.float() for t in make_qkv(positions, seed=1, dim=16, scale=1.0))
+    plan = build_mlswa_plan(positions, [16, 3, 1])
+    with_native = fast_compact_attention(q, k, v, plan)
+    fresh_native.setenv("LHT_NATIVE_KERNEL", "0")
+    native.reset()
+    assert native.band_kernel() is None
+    assert "LHT_NATIVE_KERNEL" in native.unavailable_reason()
+    without = fast_compact_attention(q, k, v, build_mlswa_plan(positions, [16, 3, 1]))
+    assert relative_error(with_native, without.double()) < 1e-5
+
+
+def test_a_failed_build_warns_once_and_falls_back(fresh_native, tmp_path):
+    import torch.utils.cpp_extension as cpp
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Error building extension 'lht_band'\ng++: fatal error: no input files")
+
+    fresh_native.setattr(cpp, "load", broken)
+    fresh_native.setenv("LHT_KERNEL_CACHE", str(tmp_path / "cache"))
+    fresh_native.setattr(native, "_why_unsupported", lambda: None)
+    with pytest.warns(RuntimeWarning, match="native CPU kernel unavailable"):
+        assert native.band_kernel() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the decision is remembered: no second warning
+        assert native.band_kernel() is None
+    positions = make_positions(2, batch=1, sections=(2, 4), sentences=(2, 5), length=(2, 9))
+    q, k, v = make_qkv(positions, seed=5, dim=8, scale=1.0)
+    want, _ = reference(q, k, v, positions, [8, 2, 1], 2)
+    got = fast_compact_attention(q.float(), k.float(), v.float(), build_mlswa_plan(positions, [8, 2, 1]))
+    assert relative_error(got, want) < 1e-5
+
+
+def test_kernel_cache_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("LHT_KERNEL_CACHE", str(tmp_path / "k"))
+    assert native.cache_dir() == tmp_path / "k"
+    monkeypatch.delenv("LHT_KERNEL_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert native.cache_dir() == tmp_path / "xdg" / "lht" / "kernels"
+
+
+def _recording_status(shown: list[str]):
+    @contextlib.contextmanager
+    def status(message: str):
+        shown.append(message)
+        yield
+
+    return status
+
+
+def test_warm_up_shows_a_status_only_while_building_and_returns_why_it_failed(fresh_native, tmp_path):
+    import torch.utils.cpp_extension as cpp
+
+    fresh_native.setenv("LHT_KERNEL_CACHE", str(tmp_path / "empty"))  # nothing built there
+    fresh_native.setattr(native, "_why_unsupported", lambda: None)
+    fresh_native.setattr(cpp, "load", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("ninja: build stopped")))
+    shown: list[str] = []
+    reason = native.warm_up(_recording_status(shown))
+    assert len(shown) == 1 and "building the ML-SWA CPU kernel" in shown[0]
+    assert reason is not None and "ninja: build stopped" in reason
+
+
+def test_warm_up_of_a_cached_kernel_shows_nothing(kernel, fresh_native):
+    assert native.is_built()
+    shown: list[str] = []
+    assert native.warm_up(_recording_status(shown)) is None
+    assert shown == [] and native.band_kernel() is not None
