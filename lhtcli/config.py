@@ -206,6 +206,10 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+# LHT_ variables that steer the process, not the experiment: never read as config keys.
+PROCESS_VARIABLES = ("LHT_DEBUG", "LHT_NATIVE_KERNEL", "LHT_KERNEL_CACHE")
+
+
 def _env_data(sources: dict[str, str] | None = None) -> dict[str, Any]:
     """LHT_* variables as nested dict, so that they merge under --set and above the file.
 
@@ -213,7 +217,7 @@ def _env_data(sources: dict[str, str] | None = None) -> dict[str, Any]:
     """
     data: dict[str, Any] = {}
     for name, raw in sorted(os.environ.items()):
-        if not name.startswith("LHT_") or name in ("LHT_DEBUG",) or name.startswith("_LHT_"):
+        if not name.startswith("LHT_") or name in PROCESS_VARIABLES or name.startswith("_LHT_"):
             continue
         path = [p.lower() for p in name[len("LHT_") :].split("__") if p]
         if not path:
