@@ -52,6 +52,13 @@ inline __m256 exp8(__m256 x) {
   return _mm256_andnot_ps(under, y);
 }
 
+inline float hsum(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
 // p[j] = exp(s[j] - m) for j in [0, n); returns the sum
 inline float exp_shift(float* s, int n, float m) {
   __m256 vm = _mm256_set1_ps(m), acc = _mm256_setzero_ps();
@@ -61,9 +68,7 @@ inline float exp_shift(float* s, int n, float m) {
     _mm256_storeu_ps(s + j, p);
     acc = _mm256_add_ps(acc, p);
   }
-  float buf[8];
-  _mm256_storeu_ps(buf, acc);
-  float total = buf[0] + buf[1] + buf[2] + buf[3] + buf[4] + buf[5] + buf[6] + buf[7];
+  float total = hsum(acc);
   for (; j < n; ++j) {
     float p = std::exp(s[j] - m);
     s[j] = p;
@@ -74,6 +79,28 @@ inline float exp_shift(float* s, int n, float m) {
 
 // Query rows per block: the keys of a block span QB + 2w rows (576 at w = 256: 1.12x the 513 allowed).
 constexpr int QB = 64;
+
+// max of s[0, n) (a scalar chain would wait on every compare's latency)
+inline float row_max(const float* s, int n) {
+  __m256 acc = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int j = 0;
+  for (; j + 8 <= n; j += 8) acc = _mm256_max_ps(acc, _mm256_loadu_ps(s + j));
+  float buf[8];
+  _mm256_storeu_ps(buf, acc);
+  float m = buf[0];
+  for (int t = 1; t < 8; ++t) m = std::max(m, buf[t]);
+  for (; j < n; ++j) m = std::max(m, s[j]);
+  return m;
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
+  float total = hsum(acc);
+  for (; j < n; ++j) total += a[j] * b[j];
+  return total;
+}
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 // The allowed local key range of query row i: [i - w, i + w] clipped to [0, n), minus k_lo.
@@ -131,8 +158,7 @@ std::vector<torch::Tensor> band_forward(torch::Tensor q, torch::Tensor k, torch:
         row_range(q0 + r, window, n, k_lo, &a, &e);
         std::fill(sr, sr + a, 0.f);
         std::fill(sr + e, sr + nk, 0.f);
-        float m = NEG_INF;
-        for (int j = a; j < e; ++j) m = std::max(m, sr[j]);
+        const float m = row_max(sr + a, e - a);
         const float total = exp_shift(sr + a, e - a, m);
         lrow[r] = m + std::log(total);
         inv[r] = 1.f / total;
@@ -196,9 +222,7 @@ std::vector<torch::Tensor> band_backward(torch::Tensor grad_out, torch::Tensor q
           std::fill(pr, pr + a, 0.f);
           std::fill(pr + e, pr + nk, 0.f);
           exp_shift(pr + a, e - a, l);
-          float d = 0.f;
-          for (int64_t c = 0; c < D; ++c) d += gb[r * gsn + c] * ob[r * osn + c];
-          delta[r] = d;
+          delta[r] = dot(gb + r * gsn, ob + r * osn, D);
         }
         // dV += P^T dO ; dP = dO V^T
         gemm(true, false, nk, int(D), rows, 1.f, p.data(), nk, gb, int(gsn), 1.f, dvp + (b * N + k_lo) * rs + h * D, int(rs));
