@@ -69,24 +69,33 @@ def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 
 
 class Dropout(nn.Module):
-    """Inverted dropout, as ``nn.Dropout``; on CPU the keep mask is drawn with ``torch.rand``, which is
-    about twice as fast there as the ``bernoulli_`` behind ``F.dropout`` (dropout was the largest
-    non-matmul cost of a CPU training step). Elsewhere it is ``F.dropout``."""
+    """Inverted dropout, as ``nn.Dropout``. On CPU the keep mask comes from 15-bit random integers,
+    four per 64-bit draw: about 4x cheaper than ``torch.rand`` and 6x cheaper than the ``bernoulli_``
+    behind ``F.dropout`` (dropout was the largest non-matmul cost of a CPU training step). The drop
+    probability is then ``p`` rounded to a multiple of 1/32768, and the kept values are scaled by the
+    exact inverse of the resulting keep probability, so the expectation is unchanged. Elsewhere it is
+    ``F.dropout``."""
+
+    LEVELS = 1 << 15
 
     def __init__(self, p: float) -> None:
         super().__init__()
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         self.p = p
+        self.threshold = min(round(p * self.LEVELS), self.LEVELS - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, training=True)
-        draw = torch.float64 if x.dtype == torch.float64 else torch.float32
-        keep = torch.rand(x.shape, dtype=draw, device=x.device).ge_(self.p)  # 1.0 with probability 1 - p
-        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        n = x.numel()
+        # random_() on int64 is uniform over [0, 2^63): every 16-bit quarter has 15 uniform low bits
+        bits = torch.empty(-(-n // 4), dtype=torch.int64, device=x.device).random_().view(torch.int16)[:n]
+        keep = bits.bitwise_and_(self.LEVELS - 1).ge_(self.threshold).view(x.shape)
+        scale = self.LEVELS / (self.LEVELS - self.threshold)
+        return x * keep.to(x.dtype).mul_(scale)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -158,6 +158,8 @@ def test_dropout_drops_p_of_the_values_scales_the_rest_and_gradients_follow_the_
     assert y.dtype == dtype
     dropped = y == 0
     assert abs(dropped.double().mean().item() - 0.25) < 0.003
+    for lane in range(4):  # each 16-bit quarter of a 64-bit draw is an independent uniform source
+        assert abs(dropped.flatten()[lane::4].double().mean().item() - 0.25) < 0.005
     kept = ~dropped
     assert torch.allclose(y[kept].double(), x[kept].double() / 0.75, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6)
     y.sum().backward()
@@ -166,6 +168,14 @@ def test_dropout_drops_p_of_the_values_scales_the_rest_and_gradients_follow_the_
     first = layer(x.detach())
     torch.manual_seed(1)
     assert torch.equal(layer(x.detach()), first)  # seeded: training stays reproducible
+
+
+def test_dropout_keeps_the_expectation_for_a_p_that_is_not_a_multiple_of_its_resolution():
+    torch.manual_seed(0)
+    x = torch.ones(4_000_000)
+    y = Dropout(0.1).train()(x)
+    assert abs((y == 0).double().mean().item() - 0.1) < 0.001
+    assert abs(y.double().mean().item() - 1.0) < 0.002
 
 
 def test_dropout_is_the_identity_in_eval_and_at_zero():
