@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lhtcli.core import native
 from lhtcli.core.attention import (
     DenseMask,
     MLSWAContext,
@@ -337,10 +338,12 @@ def main(argv: list[str] | None = None) -> int:
         return True
 
     rate = matmul_rate(device, torch.float32)
+    crossover = dense_crossover(WINDOWS[0], device.type == "cpu" and native.ready())
+    kernel = "native" if device.type == "cpu" and native.ready() else "flash"
     print(
         f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, {args.dtype}; "
         f"B=1 H={HEADS} D={DIM} windows {WINDOWS}; fp32 torch.mm 2048^2: {rate:.0f} GFLOP/s; "
-        f"medians of {args.reps} interleaved runs; auto = dense up to N={dense_crossover(WINDOWS[0])}"
+        f"medians of {args.reps} interleaved runs; level-0 kernel: {kernel}; auto = dense up to N={crossover}"
     )
     results: dict[int, dict] = {}
     for n in ns:
@@ -401,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     if fast_wins:
         print(
             f"\ncompact fast beats dense (fwd+bwd) from N={min(fast_wins)} in this run; "
-            f"auto switches above N={dense_crossover(WINDOWS[0])}"
+            f"auto switches above N={crossover}"
         )
     if args.json:
         Path(args.json).write_text(

@@ -329,12 +329,27 @@ def test_auto_dispatch_by_length():
     assert choose_backend(DENSE_AUTO_MAX_LEN + 1, "cpu") == "compact"
     assert choose_backend(64, "cpu", "compact") == "compact"
     # narrow token windows move the crossover down (measured: ~20 windows at w=32), never below 512
-    assert choose_backend(640, "cpu", token_window=32) == "dense"
-    assert choose_backend(641, "cpu", token_window=32) == "compact"
-    assert choose_backend(512, "cpu", token_window=4) == "dense"
-    assert choose_backend(1024, "cpu", token_window=256) == "dense"
+    assert choose_backend(640, "cpu", token_window=32, native_kernel=False) == "dense"
+    assert choose_backend(641, "cpu", token_window=32, native_kernel=False) == "compact"
+    assert choose_backend(512, "cpu", token_window=4, native_kernel=False) == "dense"
+    assert choose_backend(1024, "cpu", token_window=256, native_kernel=False) == "dense"
+    # the native level-0 kernel moves it further (measured: ~3 windows at w=256), still never below 512
+    assert choose_backend(768, "cpu", token_window=256, native_kernel=True) == "dense"
+    assert choose_backend(769, "cpu", token_window=256, native_kernel=True) == "compact"
+    assert choose_backend(512, "cpu", token_window=32, native_kernel=True) == "dense"
+    assert choose_backend(513, "cpu", token_window=32, native_kernel=True) == "compact"
     with pytest.raises(ValueError, match="backend"):
         choose_backend(64, "cpu", "fast")
+
+
+def test_auto_asks_the_native_kernel_only_on_cpu(monkeypatch):
+    from lhtcli.core import native
+
+    monkeypatch.setattr(native, "ready", lambda: True)
+    assert choose_backend(1000, "cpu", token_window=256) == "compact"
+    assert choose_backend(1000, "meta", token_window=256) == "dense"  # not a CPU: the native kernel never runs
+    monkeypatch.setattr(native, "ready", lambda: False)
+    assert choose_backend(1000, "cpu", token_window=256) == "dense"
 
 
 def test_auto_above_the_crossover_runs_compact_exactly():

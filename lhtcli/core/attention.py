@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from lhtcli.core import native
 from lhtcli.core.compact import AttentionResult, compact_attention
 from lhtcli.core.dense import DenseMask, dense_attention, dense_sdpa_attention
 from lhtcli.core.flash import fast_compact_attention, flash_available, flash_compact_result, prepare_plan
@@ -55,29 +56,41 @@ DENSE_AUTO_MAX_LEN = 1280
 # keeps dense up to DENSE_PER_WINDOW windows, clamped to [DENSE_AUTO_MIN_LEN, DENSE_AUTO_MAX_LEN].
 DENSE_PER_WINDOW = 20
 DENSE_AUTO_MIN_LEN = 512
+# With the native level-0 kernel (core/native.py) the compact path is cheaper still: measured
+# crossovers ~3 windows at w=256 (768 tokens) and at most 512 tokens at w=32.
+NATIVE_DENSE_PER_WINDOW = 3
 BACKENDS = ("auto", "dense", "compact", "flex")
 
 
 # ----------------------------------------------------------------------------------------------
 # dispatch
 # ----------------------------------------------------------------------------------------------
-def dense_crossover(token_window: int | None = None) -> int:
-    """Longest sequence ``auto`` runs dense for this level-0 window (None: a wide window)."""
+def dense_crossover(token_window: int | None = None, native_kernel: bool = False) -> int:
+    """Longest sequence ``auto`` runs dense for this level-0 window (None: a wide window), with or
+    without the native CPU kernel for level 0."""
     if token_window is None:
         return DENSE_AUTO_MAX_LEN
-    return max(DENSE_AUTO_MIN_LEN, min(DENSE_AUTO_MAX_LEN, DENSE_PER_WINDOW * int(token_window)))
+    per_window = NATIVE_DENSE_PER_WINDOW if native_kernel else DENSE_PER_WINDOW
+    return max(DENSE_AUTO_MIN_LEN, min(DENSE_AUTO_MAX_LEN, per_window * int(token_window)))
 
 
 def choose_backend(
-    seq_len: int, device: torch.device | str, requested: str = "auto", token_window: int | None = None
+    seq_len: int,
+    device: torch.device | str,
+    requested: str = "auto",
+    token_window: int | None = None,
+    native_kernel: bool | None = None,
 ) -> str:
     """The backend that runs: ``requested``, or for ``auto`` dense on short sequences and compact above
-    (the crossover depends on the token window, see :func:`dense_crossover`)."""
+    (the crossover depends on the token window and, on CPU, on whether the native level-0 kernel is
+    built, see :func:`dense_crossover`; ``native_kernel`` overrides that check)."""
     if requested not in BACKENDS:
         raise ValueError(f"unknown attention backend {requested!r} (expected one of {', '.join(BACKENDS)})")
     if requested != "auto":
         return requested
-    return "dense" if seq_len <= dense_crossover(token_window) else "compact"
+    if native_kernel is None:
+        native_kernel = torch.device(device).type == "cpu" and native.ready()
+    return "dense" if seq_len <= dense_crossover(token_window, native_kernel) else "compact"
 
 
 def mlswa_attention(

@@ -50,6 +50,11 @@ def _why_unsupported() -> str | None:
     return None
 
 
+def supported() -> bool:
+    """True when this machine and environment allow the kernel (it may still need building)."""
+    return _why_unsupported() is None
+
+
 def cache_dir() -> Path:
     root = os.environ.get("LHT_KERNEL_CACHE")
     if root:
@@ -75,6 +80,15 @@ def _built_library(name: str) -> Path:
 def is_built() -> bool:
     """True when this source, torch and CPU already have a compiled module in the cache."""
     return _why_unsupported() is None and _built_library(_build_name()).exists()
+
+
+def ready() -> bool:
+    """True when the kernel is loaded or already built (this starts no build; checked once)."""
+    if "module" in _STATE:
+        return _STATE["module"] is not None
+    if "built" not in _STATE:
+        _STATE["built"] = is_built()
+    return _STATE["built"]
 
 
 def _import_built(name: str):

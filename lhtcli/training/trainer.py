@@ -230,7 +230,8 @@ class Trainer:
         when the longest batches will run the compact backend."""
         mcfg = self.cfg.model
         backend = choose_backend(mcfg.max_seq_len, self.device, mcfg.mlswa.backend,
-                                 token_window=mcfg.mlswa.window_size_per_level[0])
+                                 token_window=mcfg.mlswa.window_size_per_level[0],
+                                 native_kernel=native.supported())
         if self.device.type != "cpu" or backend != "compact":
             return
         reason = native.warm_up(self.console.status)
