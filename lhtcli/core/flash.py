@@ -97,9 +97,13 @@ def _level0_mask(plan: MLSWAPlan, dtype: torch.dtype) -> torch.Tensor:
 
 
 def prepare_plan(plan: MLSWAPlan, dtype: torch.dtype) -> MLSWAPlan:
-    """Build the float band masks the fast path needs for ``dtype`` now rather than at the first call
-    (they are cached on the plan either way)."""
+    """Build what the fast path needs for ``dtype`` now rather than at the first call (it is cached on
+    the plan either way): the float band masks, but none for level 0 when the native kernel runs it."""
+    device = plan.levels[0].index.device
     for level in range(len(plan.levels)):
+        if level == 0 and _native_level0(torch.empty(0, dtype=dtype, device=device), plan) is not None:
+            _level0_lengths(plan)
+            continue
         _level_mask(plan, level, _compute_dtype(dtype) if level else dtype)
     return plan
 
