@@ -110,6 +110,26 @@ inline void row_range(int64_t i, int64_t w, int64_t n, int64_t k_lo, int* a, int
   *b = int(hi - k_lo);
 }
 
+// The keys a block of query rows [q0, q0 + rows) reaches, clipped to the row's n tokens.
+struct Block {
+  int rows;
+  int64_t k_lo;
+  int nk;
+};
+
+// Block geometry and its scaled scores s = scale * Q K^T [rows x nk]; q and k point at row 0 of one
+// (batch, head).
+inline Block block_scores(const float* q, int64_t qsn, const float* k, int64_t ksn, int64_t q0, int64_t n,
+                          int64_t window, int64_t dim, float scale, float* s) {
+  Block blk;
+  blk.rows = int(std::min<int64_t>(QB, n - q0));
+  blk.k_lo = std::max<int64_t>(q0 - window, 0);
+  blk.nk = int(std::min<int64_t>(q0 + blk.rows + window, n) - blk.k_lo);
+  gemm(false, true, blk.rows, blk.nk, int(dim), scale, q + q0 * qsn, int(qsn), k + blk.k_lo * ksn, int(ksn), 0.f,
+       s, blk.nk);
+  return blk;
+}
+
 void check_inputs(const std::vector<torch::Tensor>& xs, const torch::Tensor& lengths) {
   for (const auto& x : xs) {
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat, "band kernel: CPU float32 tensors only");
@@ -144,13 +164,11 @@ std::vector<torch::Tensor> band_forward(torch::Tensor q, torch::Tensor k, torch:
       const int64_t b = task / (H * nqb), h = (task / nqb) % H, blk = task % nqb;
       const int64_t n = len[b], q0 = blk * QB;
       if (q0 >= n) continue;
-      const int rows = int(std::min<int64_t>(QB, n - q0));
-      const int64_t k_lo = std::max<int64_t>(q0 - window, 0), k_hi = std::min<int64_t>(q0 + rows + window, n);
-      const int nk = int(k_hi - k_lo);
-      const float* qb = qp + b * qsb + h * qsh + q0 * qsn;
-      const float* kb = kp + b * ksb + h * ksh + k_lo * ksn;
+      const Block g = block_scores(qp + b * qsb + h * qsh, qsn, kp + b * ksb + h * ksh, ksn, q0, n, window, D,
+                                   float(scale), s.data());
+      const int rows = g.rows, nk = g.nk;
+      const int64_t k_lo = g.k_lo;
       const float* vb = vp + b * vsb + h * vsh + k_lo * vsn;
-      gemm(false, true, rows, nk, int(D), float(scale), qb, int(qsn), kb, int(ksn), 0.f, s.data(), nk);
       float* lrow = lp + (b * H + h) * N + q0;
       for (int r = 0; r < rows; ++r) {
         float* sr = s.data() + r * nk;
@@ -205,15 +223,15 @@ std::vector<torch::Tensor> band_backward(torch::Tensor grad_out, torch::Tensor q
       for (int64_t blk = 0; blk < nqb; ++blk) {
         const int64_t q0 = blk * QB;
         if (q0 >= n) break;
-        const int rows = int(std::min<int64_t>(QB, n - q0));
-        const int64_t k_lo = std::max<int64_t>(q0 - window, 0), k_hi = std::min<int64_t>(q0 + rows + window, n);
-        const int nk = int(k_hi - k_lo);
+        const Block g = block_scores(qp + b * qsb + h * qsh, qsn, kp + b * ksb + h * ksh, ksn, q0, n, window, D,
+                                     float(scale), p.data());
+        const int rows = g.rows, nk = g.nk;
+        const int64_t k_lo = g.k_lo;
         const float* qb = qp + b * qsb + h * qsh + q0 * qsn;
         const float* kb = kp + b * ksb + h * ksh + k_lo * ksn;
         const float* vb = vp + b * vsb + h * vsh + k_lo * vsn;
         const float* gb = gp + b * gsb + h * gsh + q0 * gsn;
         const float* ob = op + b * osb + h * osh + q0 * osn;
-        gemm(false, true, rows, nk, int(D), float(scale), qb, int(qsn), kb, int(ksn), 0.f, p.data(), nk);
         for (int r = 0; r < rows; ++r) {
           float* pr = p.data() + r * nk;
           int a, e;
