@@ -94,8 +94,8 @@ class Dropout(nn.Module):
         # random_() on int64 is uniform over [0, 2^63): every 16-bit quarter has 15 uniform low bits
         bits = torch.empty(-(-n // 4), dtype=torch.int64, device=x.device).random_().view(torch.int16)[:n]
         keep = bits.bitwise_and_(self.LEVELS - 1).ge_(self.threshold).view(x.shape)
-        scale = self.LEVELS / (self.LEVELS - self.threshold)
-        return x * keep.to(x.dtype).mul_(scale)
+        scale = torch.tensor(self.LEVELS / (self.LEVELS - self.threshold), dtype=x.dtype)
+        return x * (keep * scale)  # 0 or 1/keep-probability, made in one pass in x's dtype
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -120,14 +120,16 @@ class MLSWASelfAttention(nn.Module):
         captures: list[LayerCapture] | None,
     ) -> torch.Tensor:
         batch, n, d_model = x.shape
-        qkv = self.qkv(x).view(batch, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        # split/unbind rather than indexing: their backward is one cat, not three zero-filled copies
+        qkv = self.qkv(x).view(batch, n, 3, self.n_heads, self.head_dim)
+        # Split along the packed axis of the token-major layout: the backward is then one cat straight
+        # into the projection's gradient layout (no zero-filled per-head copies, no reshape copy).
         if rotary is None:
-            q, k, v = qkv.unbind(0)  # [B, H, N, D]
+            q, k, v = qkv.unbind(2)
         else:
-            qk, v = qkv.split([2, 1])
-            q, k = apply_rotary(qk, rotary).unbind(0)
-            v = v.squeeze(0)
+            qk, v = qkv.split([2, 1], dim=2)
+            q, k = apply_rotary(qk, rotary.transpose(1, 2)[:, :, None]).unbind(2)  # rotation per token
+            v = v.squeeze(2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, N, D] views
         if captures is not None:
             captures.append(LayerCapture(self.layer, self.max_level, q.detach(), k.detach()))
         out = context.attend(q, k, v, self.max_level)

@@ -200,7 +200,11 @@ std::vector<torch::Tensor> band_backward(torch::Tensor grad_out, torch::Tensor q
   TORCH_CHECK(lse.scalar_type() == torch::kFloat && lse.dim() == 3, "band kernel: lse must be float32 [B, H, N]");
   lengths = lengths.contiguous();
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
-  auto dq = torch::zeros({B, N, H, D}, q.options());
+  auto dq = torch::empty({B, N, H, D}, q.options());  // real rows are written whole below
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = lengths[b].item<int64_t>();
+    if (n < N) dq.select(0, b).narrow(0, n, N - n).zero_();
+  }
   auto dk = torch::zeros({B, N, H, D}, q.options());
   auto dv = torch::zeros({B, N, H, D}, q.options());
   auto len = lengths.accessor<int64_t, 1>();
