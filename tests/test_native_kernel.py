@@ -186,3 +186,24 @@ def test_warm_up_of_a_cached_kernel_shows_nothing(kernel, fresh_native):
     shown: list[str] = []
     assert native.warm_up(_recording_status(shown)) is None
     assert shown == [] and native.band_kernel() is not None
+
+
+def test_expanded_output_gradients_reach_the_kernel_as_proper_rows(kernel):
+    """A loss like out.mean(dim=N) hands back a gradient expanded along N (row stride 0): BLAS needs
+    rows at least a row apart, so such tensors are copied before the kernel sees them."""
+    from lhtcli.core.flash import _last_dim_contiguous
+
+    expanded = torch.randn(2, 3, 1, 16).expand(2, 3, 50, 16)
+    assert _last_dim_contiguous(expanded).stride(-2) == 16
+    view = torch.randn(2, 50, 3, 4, 16).unbind(2)[0].transpose(1, 2)  # token-major rows: kept as is
+    assert _last_dim_contiguous(view) is view
+    positions = make_positions(4, batch=2, pad=3, sections=(3, 6), sentences=(3, 6), length=(3, 12))
+    q, k, v = make_qkv(positions, seed=6, dim=16, scale=1.0)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    want, _ = reference(*leaves, positions, [16, 3, 1], 2)
+    want_grads = torch.autograd.grad(want.mean(2).sum(), leaves)
+    floats = [t.float().requires_grad_(True) for t in (q, k, v)]
+    got = fast_compact_attention(*floats, build_mlswa_plan(positions, [16, 3, 1]))
+    got_grads = torch.autograd.grad(got.mean(2).sum(), floats)
+    for got_g, want_g in zip(got_grads, want_grads, strict=True):
+        assert relative_error(got_g, want_g) < 5e-5

@@ -254,7 +254,9 @@ def _level0_lengths(plan: MLSWAPlan) -> torch.Tensor:
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+    """``x`` when its rows are BLAS-ready (unit stride within a row, rows apart by at least a row; an
+    expanded gradient can have row stride 0), else a contiguous copy."""
+    return x if x.stride(-1) == 1 and x.stride(-2) >= x.shape[-1] else x.contiguous()
 
 
 def _native_forward(kernel, q, k, v, plan: MLSWAPlan, scale: float):
