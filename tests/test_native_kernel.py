@@ -207,3 +207,34 @@ def test_expanded_output_gradients_reach_the_kernel_as_proper_rows(kernel):
     got_grads = torch.autograd.grad(got.mean(2).sum(), floats)
     for got_g, want_g in zip(got_grads, want_grads, strict=True):
         assert relative_error(got_g, want_g) < 5e-5
+
+
+def test_training_builds_the_kernel_up_front_only_for_long_sequences(monkeypatch):
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from lhtcli.config import default_config_path, load_config
+    from lhtcli.training.trainer import Trainer
+
+    long = load_config(
+        default_config_path(), ["model.max_seq_len=4096", "model.mlswa.window_size_per_level=[256, 8, 4]"]
+    )
+    console, warned, built = Console(record=True, width=200), [], []
+    trainer = SimpleNamespace(cfg=long, device=torch.device("cpu"), console=console, warn=warned.append)
+    monkeypatch.setattr(native, "supported", lambda: True)
+    monkeypatch.setattr(native, "is_built", lambda: False)
+    monkeypatch.setattr(native, "ready", lambda: True)
+    monkeypatch.setattr(native, "warm_up", lambda status: built.append(status) and None)
+    Trainer._prepare_attention_kernel(trainer)
+    assert len(built) == 1 and "built the ML-SWA CPU kernel" in console.export_text() and not warned
+
+    monkeypatch.setattr(native, "warm_up", lambda status: "RuntimeError: g++ not found")
+    Trainer._prepare_attention_kernel(trainer)
+    assert len(warned) == 1 and "g++ not found" in warned[0] and "slower flash path" in warned[0]
+
+    built.clear()
+    monkeypatch.setattr(native, "warm_up", lambda status: built.append(status) and None)
+    trainer.cfg = load_config(default_config_path())  # the default: 512 tokens run dense, nothing to build
+    Trainer._prepare_attention_kernel(trainer)
+    assert built == []

@@ -234,9 +234,13 @@ class Trainer:
                                  native_kernel=native.supported())
         if self.device.type != "cpu" or backend != "compact":
             return
+        building, started = native.supported() and not native.is_built(), time.perf_counter()
         reason = native.warm_up(self.console.status)
         if reason is not None:
             self.warn(f"the native ML-SWA CPU kernel is unavailable ({reason}); attention uses the slower flash path")
+        elif building and native.ready():
+            self.console.print(f"[green]✓[/green] built the ML-SWA CPU kernel in {time.perf_counter() - started:.0f} s "
+                               f"(cached in {native.cache_dir()})")
 
     def warn(self, message: str) -> None:
         if self.console.quiet and self.dist.is_main:  # --quiet hides progress, never warnings
