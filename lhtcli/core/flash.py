@@ -26,6 +26,7 @@ from lhtcli.core.plan import (
     NEG_INF,
     LevelPlan,
     MLSWAPlan,
+    chunks_past_participants,
     contiguous_band_parts,
 )
 
@@ -77,18 +78,15 @@ def _contiguous_level_mask(lp: LevelPlan, n: int, dtype: torch.dtype) -> torch.T
     """:func:`_level_mask` of a contiguous band as one broadcast add of its factors (a full-size
     ``where`` over the bool band is several times slower); only chunks holding rows without a key
     (the participants end there) are patched."""
-    counts = (lp.index < n).sum(1)
+    counts = lp.counts.to(lp.index.device)
     pattern, keys_ok, _ = contiguous_band_parts(counts, lp.window, lp.chunk, lp.halo, lp.num_chunks)
 
     def additive(allowed: torch.Tensor) -> torch.Tensor:
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, NEG_INF)
 
     mask = additive(pattern) + additive(keys_ok)[:, :, None, :]
-    for b, count in enumerate(counts.tolist()):
-        first = count // lp.chunk
-        if first < lp.num_chunks:
-            rows = torch.arange(first * lp.chunk, lp.num_chunks * lp.chunk, device=mask.device) >= count
-            mask[b, first:].masked_fill_(rows.view(-1, lp.chunk, 1), 0.0)
+    for b, first, past in chunks_past_participants(counts, lp.chunk, lp.num_chunks):
+        mask[b, first:].masked_fill_(past, 0.0)
     return mask
 
 
@@ -99,11 +97,8 @@ def _level0_mask(plan: MLSWAPlan, dtype: torch.dtype) -> torch.Tensor:
 def prepare_plan(plan: MLSWAPlan, dtype: torch.dtype) -> MLSWAPlan:
     """Build what the fast path needs for ``dtype`` now rather than at the first call (it is cached on
     the plan either way): the float band masks, but none for level 0 when the native kernel runs it."""
-    device = plan.levels[0].index.device
-    for level in range(len(plan.levels)):
-        if level == 0 and _native_level0(torch.empty(0, dtype=dtype, device=device), plan) is not None:
-            _level0_lengths(plan)
-            continue
+    native0 = _native_kernel_for(dtype, plan.levels[0].index.device, plan) is not None
+    for level in range(1 if native0 else 0, len(plan.levels)):
         _level_mask(plan, level, _compute_dtype(dtype) if level else dtype)
     return plan
 
@@ -239,18 +234,16 @@ def _fold_windows(grad: torch.Tensor, lp: LevelPlan, m: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # level 0 through the native band kernel (core/native.py) where it is available
 # ----------------------------------------------------------------------------------------------
-def _native_level0(q: torch.Tensor, plan: MLSWAPlan):
+def _native_kernel_for(dtype: torch.dtype, device: torch.device, plan: MLSWAPlan):
     """The native kernel when it can run this plan's level 0 (float32 CPU, a contiguous band), else None."""
     lp = plan.levels[0]
-    if q.dtype != torch.float32 or q.device.type != "cpu" or not (lp.contiguous and lp.is_prefix):
+    if dtype != torch.float32 or device.type != "cpu" or not (lp.contiguous and lp.is_prefix):
         return None
     return band_kernel()
 
 
-def _level0_lengths(plan: MLSWAPlan) -> torch.Tensor:
-    if "level0_lengths" not in plan.cache:
-        plan.cache["level0_lengths"] = (plan.levels[0].index < plan.seq_len).sum(1).to(torch.long).cpu()
-    return plan.cache["level0_lengths"]
+def _native_level0(q: torch.Tensor, plan: MLSWAPlan):
+    return _native_kernel_for(q.dtype, q.device, plan)
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -262,7 +255,7 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 def _native_forward(kernel, q, k, v, plan: MLSWAPlan, scale: float):
     window = min(plan.levels[0].window, plan.seq_len)
     out, lse = kernel.band_forward(
-        *(_last_dim_contiguous(t) for t in (q, k, v)), _level0_lengths(plan), window, scale
+        *(_last_dim_contiguous(t) for t in (q, k, v)), plan.levels[0].counts, window, scale
     )
     return out.transpose(1, 2), lse  # out is token-major underneath, as the flash path's
 
@@ -270,7 +263,7 @@ def _native_forward(kernel, q, k, v, plan: MLSWAPlan, scale: float):
 def _native_backward(kernel, grad_out, q, k, v, out, lse, plan: MLSWAPlan, scale: float):
     window = min(plan.levels[0].window, plan.seq_len)
     grads = kernel.band_backward(
-        *(_last_dim_contiguous(t) for t in (grad_out, q, k, v, out)), lse, _level0_lengths(plan), window, scale
+        *(_last_dim_contiguous(t) for t in (grad_out, q, k, v, out)), lse, plan.levels[0].counts, window, scale
     )
     return [g.transpose(1, 2) for g in grads]
 

@@ -37,6 +37,7 @@ class LevelPlan:
     to_boundary: torch.Tensor | None = None  # [B, M] slot among the boundary rows (levels >= 1)
     # the band is one [C, K] pattern cut by the row's participant count (see contiguous_band_parts)
     contiguous: bool = False
+    counts: torch.Tensor | None = None  # [B] participants per batch row (CPU, int64)
 
     @property
     def num_chunks(self) -> int:
@@ -119,6 +120,17 @@ def contiguous_band_parts(
     return pattern, keys_ok, queries_ok
 
 
+def chunks_past_participants(counts: torch.Tensor, chunk: int, nc: int):
+    """For each batch row whose participants end before its last chunk: (row b, first such chunk,
+    bool [nc - first, C, 1] marking the rows at or past the count). Only these few chunks differ from
+    the band pattern, so they are patched instead of building the full-size row mask."""
+    for b, count in enumerate(counts.tolist()):
+        first = count // chunk
+        if first < nc:
+            rows = torch.arange(first * chunk, nc * chunk, device=counts.device) >= count
+            yield b, first, rows.view(-1, chunk, 1)
+
+
 def _is_contiguous(e: torch.Tensor, valid: torch.Tensor) -> bool:
     """The valid slots (a prefix) are enumerated 1, 2, 3, ...: slot distance is enumeration distance."""
     slots = torch.arange(1, e.shape[1] + 1, device=e.device)
@@ -182,14 +194,14 @@ def build_mlswa_plan(
         reach = min(window, m)  # enumerations increase, so allowed keys lie within `window` slots
         chunk = _chunk_size(reach, m, LEVEL0_MAX_CHUNK if level == 0 else MAX_CHUNK)
         halo = -(-reach // chunk) * chunk
+        counts = valid.sum(1)
         contiguous = level == 0 and _is_contiguous(ev[level], valid)
         if contiguous:
-            counts = valid.sum(1)
-            pattern, keys_ok, queries_ok = contiguous_band_parts(counts, window, chunk, halo, -(-m // chunk))
+            nc = -(-m // chunk)
+            pattern, keys_ok, _ = contiguous_band_parts(counts, window, chunk, halo, nc)
             band = pattern & keys_ok[:, :, None, :]
-            for b, count in enumerate(counts.tolist()):  # rows past the participants (few chunks) see nothing
-                first = count // chunk
-                band[b, first:] &= queries_ok[b, first:, :, None]
+            for b, first, past in chunks_past_participants(counts, chunk, nc):  # those rows see nothing
+                band[b, first:] &= ~past
         else:
             band = _band(ev[level], valid, window, chunk, halo)
         if level:
@@ -198,7 +210,8 @@ def build_mlswa_plan(
             for lower in range(level):
                 band &= ~_allowed(eq[lower], ek[lower], windows[lower])
         levels.append(
-            LevelPlan(level, window, chunk, halo, m, index, is_prefix, band[:, None], contiguous=contiguous)
+            LevelPlan(level, window, chunk, halo, m, index, is_prefix, band[:, None], contiguous=contiguous,
+                      counts=counts.cpu())
         )
 
     doc_link_mask = None

@@ -228,13 +228,12 @@ class Trainer:
     def _prepare_attention_kernel(self) -> None:
         """Build (first run) or load the native CPU attention kernel now, before the clock starts,
         when the longest batches will run the compact backend."""
-        mcfg = self.cfg.model
+        mcfg, supported = self.cfg.model, native.supported()
         backend = choose_backend(mcfg.max_seq_len, self.device, mcfg.mlswa.backend,
-                                 token_window=mcfg.mlswa.window_size_per_level[0],
-                                 native_kernel=native.supported())
+                                 token_window=mcfg.mlswa.window_size_per_level[0], native_kernel=supported)
         if self.device.type != "cpu" or backend != "compact":
             return
-        building, started = native.supported() and not native.is_built(), time.perf_counter()
+        building, started = supported and not native.is_built(), time.perf_counter()
         reason = native.warm_up(self.console.status)
         if reason is not None:
             self.warn(f"the native ML-SWA CPU kernel is unavailable ({reason}); attention uses the slower flash path")
