@@ -34,6 +34,7 @@ from lhtcli.config import ModelConfig, load_config  # noqa: E402
 from lhtcli.core.attention import choose_backend  # noqa: E402
 from lhtcli.core.positions import HierarchicalPositions, positions_from_lengths  # noqa: E402
 from lhtcli.model import LHTEncoder, describe_size  # noqa: E402
+from lhtcli.training.optimizer import build_adamw  # noqa: E402
 
 
 def mid_size_config(seq_len: int, vocab: int) -> ModelConfig:
@@ -58,7 +59,7 @@ def build(cfg: ModelConfig, backend: str, device: torch.device):
     cfg.mlswa.backend = backend
     torch.manual_seed(0)
     model = LHTEncoder(cfg).to(device)
-    return cfg, model, torch.optim.AdamW(model.optimizer_groups(0.01), lr=1e-4)
+    return cfg, model, build_adamw(model, lr=1e-4, weight_decay=0.01)  # as `lht train` builds it
 
 
 def one_step(model, opt, batch, amp, device: torch.device) -> tuple[float, float]:

@@ -30,6 +30,7 @@ from lhtcli.training.checkpoint import (
 from lhtcli.training.data_setup import DataBundle, prepare_data
 from lhtcli.training.distributed import ShardedStream, init_distributed, shard
 from lhtcli.training.metrics import MetricsFile, evaluate_sums, metrics_from_sums, peak_memory_mb
+from lhtcli.training.optimizer import build_adamw, keep_fused
 from lhtcli.training.preflight import check_disk_space, check_output_dirs
 from lhtcli.training.progress import TrainingDisplay
 from lhtcli.training.schedule import apply_lr
@@ -178,10 +179,7 @@ class Trainer:
         self.stream = ShardedStream(self.data.train_stream, self.dist)
         self.val_batches = shard(self.data.val_batches, self.dist)
         self.model = build_model(cfg, self.data.tokenizer.vocab_size).to(self.device)
-        self.optimizer = torch.optim.AdamW(
-            self.model.optimizer_groups(self.tcfg.weight_decay), lr=self.tcfg.learning_rate, betas=(0.9, 0.98),
-            eps=1e-6,
-        )
+        self.optimizer = build_adamw(self.model, self.tcfg.learning_rate, self.tcfg.weight_decay)
         if self.dist.is_main:
             check_disk_space(cfg.checkpoint_dir(), self.model, self.tcfg.keep_checkpoints, self.warn)
         self._prepare_attention_kernel()
@@ -252,6 +250,7 @@ class Trainer:
         self.model.load_state_dict(ckpt.model_state)
         if ckpt.optimizer_state:
             self.optimizer.load_state_dict(ckpt.optimizer_state)
+            keep_fused(self.optimizer)
         if ckpt.scheduler_state:
             self.elapsed_before = float(ckpt.scheduler_state.get("elapsed_seconds", 0.0))
             warmup_seconds = ckpt.scheduler_state.get("warmup_seconds")
