@@ -480,3 +480,34 @@ def test_contiguous_level0_band_and_mask_equal_the_generic_construction(seed, wi
     want = torch.where(opened, 0.0, NEG)
     assert torch.equal(_level_mask(plan, 0, torch.float32), want)
     assert torch.equal(_level_mask(plan, 0, torch.float64), want.double())
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("doc_token", [True, False])
+@pytest.mark.parametrize("max_level", [1, 2])
+def test_extra_key_lists_are_exactly_the_pairs_beyond_level0(seed, doc_token, max_level):
+    """The native kernel's boundary rows see their level-0 band plus the listed keys: together exactly
+    the dense mask's pairs, each once (the lists are disjoint from the band and free of repeats)."""
+    from lhtcli.core.plan import extra_keys
+
+    windows = [4, 2, 1]
+    positions = make_positions(seed, batch=3, doc_token=doc_token, sections=(2, 8), sentences=(2, 8),
+                               length=(1, 10), pad=4)
+    plan = build_mlswa_plan(positions, windows, max_level)
+    lists = extra_keys(plan)
+    assert extra_keys(plan) is lists  # built once per plan
+    n = positions.seq_len
+    got = torch.zeros(plan.batch_size, n, n, dtype=torch.long)
+    for r in range(lists.row_batch.numel()):
+        keys = lists.keys[lists.offsets[r] : lists.offsets[r + 1]]
+        assert keys.numel() > 0
+        got[lists.row_batch[r], lists.row_pos[r]].index_add_(0, keys, torch.ones_like(keys))
+    rows = torch.stack([lists.row_batch, lists.row_pos], 1).tolist()
+    assert rows == sorted(rows) and len({tuple(r) for r in rows}) == len(rows)  # ordered, one entry per row
+    real = positions.real_mask
+    enum0 = real.long().cumsum(1)  # level 0 enumerates the real tokens in order
+    band = (enum0[:, :, None] - enum0[:, None, :]).abs() <= windows[0]
+    band &= real[:, :, None] & real[:, None, :]
+    got += band.long()
+    assert got.max() == 1  # no pair twice
+    assert torch.equal(got.bool(), mlswa_dense_mask(positions, windows, max_level))

@@ -1,5 +1,6 @@
-// Level 0 of ML-SWA on CPU (float32): banded attention |i - j| <= w among each row's first
-// `length` tokens, forward and backward, without masks or padded key windows.
+// ML-SWA on CPU (float32). Level 0: banded attention |i - j| <= w among each row's first `length`
+// tokens, forward and backward, without masks or padded key windows. Levels >= 1 and [DOC]: the few
+// boundary rows' extra keys, merged into level 0's output (extra_forward / extra_backward, below).
 //
 // Each block of QB query rows multiplies against exactly the keys its rows may reach (QB + 2w, clipped
 // to the row's tokens); only the few columns at either end of a block fall outside a row's band, and
@@ -101,6 +102,13 @@ inline float dot(const float* a, const float* b, int64_t n) {
   for (; j < n; ++j) total += a[j] * b[j];
   return total;
 }
+// y[0, n) += a * x[0, n)
+inline void axpy(float a, const float* x, float* y, int64_t n) {
+  const __m256 va = _mm256_set1_ps(a);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j)));
+  for (; j < n; ++j) y[j] += a * x[j];
+}
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 // The allowed local key range of query row i: [i - w, i + w] clipped to [0, n), minus k_lo.
@@ -130,14 +138,24 @@ inline Block block_scores(const float* q, int64_t qsn, const float* k, int64_t k
   return blk;
 }
 
-void check_inputs(const std::vector<torch::Tensor>& xs, const torch::Tensor& lengths) {
+void check_tensors(const std::vector<torch::Tensor>& xs) {
   for (const auto& x : xs) {
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat, "band kernel: CPU float32 tensors only");
     TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1, "band kernel: [B, H, N, D] tensors with a contiguous last dim");
     TORCH_CHECK(x.sizes() == xs[0].sizes(), "band kernel: q, k, v (and grads) must have one shape");
   }
+}
+
+void check_inputs(const std::vector<torch::Tensor>& xs, const torch::Tensor& lengths) {
+  check_tensors(xs);
   TORCH_CHECK(lengths.scalar_type() == torch::kLong && lengths.dim() == 1 && lengths.size(0) == xs[0].size(0),
               "band kernel: lengths must be int64 [B]");
+}
+
+void check_lse(const torch::Tensor& lse, const torch::Tensor& q) {
+  TORCH_CHECK(lse.scalar_type() == torch::kFloat && lse.dim() == 3 && lse.size(0) == q.size(0) &&
+                  lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
+              "band kernel: lse must be float32 [B, H, N]");
 }
 
 }  // namespace
@@ -197,7 +215,7 @@ std::vector<torch::Tensor> band_backward(torch::Tensor grad_out, torch::Tensor q
                                          torch::Tensor out, torch::Tensor lse, torch::Tensor lengths, int64_t window,
                                          double scale) {
   check_inputs({grad_out, q, k, v, out}, lengths);
-  TORCH_CHECK(lse.scalar_type() == torch::kFloat && lse.dim() == 3, "band kernel: lse must be float32 [B, H, N]");
+  check_lse(lse, q);
   lengths = lengths.contiguous();
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
   auto dq = torch::empty({B, N, H, D}, q.options());  // real rows are written whole below
@@ -269,7 +287,128 @@ std::vector<torch::Tensor> band_backward(torch::Tensor grad_out, torch::Tensor q
   return {dq, dk, dv};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Levels >= 1 and the [DOC] rule: the few rows (sentence and section starts, [DOC]) that see keys
+// beyond their level-0 band. Their extra keys come as lists (the plan's ExtraKeys, built once per batch):
+// row r of batch row_batch[r] at position row_pos[r] sees keys[offsets[r] .. offsets[r + 1]), positions
+// disjoint from its level-0 band. Done here, the merge costs microseconds instead of a few hundred
+// small tensor operations per layer.
+// ---------------------------------------------------------------------------------------------
+namespace {
+
+struct ExtraKeys {
+  const int64_t* row_batch;
+  const int64_t* row_pos;
+  const int64_t* offsets;
+  const int64_t* keys;
+  int64_t rows;
+};
+
+ExtraKeys extra_keys(const torch::Tensor& row_batch, const torch::Tensor& row_pos, const torch::Tensor& offsets,
+                     const torch::Tensor& keys) {
+  for (const auto* t : {&row_batch, &row_pos, &offsets, &keys})
+    TORCH_CHECK(t->scalar_type() == torch::kLong && t->dim() == 1 && t->is_contiguous() && t->device().is_cpu(),
+                "extra keys: contiguous CPU int64 vectors");
+  TORCH_CHECK(row_pos.numel() == row_batch.numel() && offsets.numel() == row_batch.numel() + 1,
+              "extra keys: one batch row and position per row, rows + 1 offsets");
+  return {row_batch.data_ptr<int64_t>(), row_pos.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
+          keys.data_ptr<int64_t>(), row_batch.numel()};
+}
+
+// Strided [B, H, N, D] float32 view: the address of row (b, h, n).
+struct Rows {
+  float* base;
+  int64_t sb, sh, sn;
+  float* at(int64_t b, int64_t h, int64_t n) const { return base + b * sb + h * sh + n * sn; }
+};
+
+Rows rows_of(const torch::Tensor& x) {
+  return {x.data_ptr<float>(), x.stride(0), x.stride(1), x.stride(2)};
+}
+
+}  // namespace
+
+// Merge each listed row's extra keys into (out, lse), in place: out [B, H, N, D] and lse [B, H, N] hold
+// the level-0 partial on entry and the whole ML-SWA softmax on return.
+void extra_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out, torch::Tensor lse,
+                   torch::Tensor row_batch, torch::Tensor row_pos, torch::Tensor offsets, torch::Tensor keys,
+                   double scale) {
+  check_tensors({q, k, v, out});
+  check_lse(lse, q);
+  const ExtraKeys ek = extra_keys(row_batch, row_pos, offsets, keys);
+  const int64_t H = q.size(1), D = q.size(3);
+  const Rows qr = rows_of(q), kr = rows_of(k), vr = rows_of(v), orow = rows_of(out);
+  float* lp = lse.data_ptr<float>();
+  const int64_t lsb = lse.stride(0), lsh = lse.stride(1), lsn = lse.stride(2);
+  at::parallel_for(0, ek.rows * H, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> s;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task / H, h = task % H, b = ek.row_batch[r], i = ek.row_pos[r];
+      const int64_t* key = ek.keys + ek.offsets[r];
+      const int64_t nk = ek.offsets[r + 1] - ek.offsets[r];
+      if (nk == 0) continue;
+      s.resize(nk);
+      const float* qi = qr.at(b, h, i);
+      float* l = lp + b * lsb + h * lsh + i * lsn;
+      float m = *l;
+      for (int64_t j = 0; j < nk; ++j) {
+        s[j] = float(scale) * dot(qi, kr.at(b, h, key[j]), D);
+        m = std::max(m, s[j]);
+      }
+      const float w0 = std::exp(*l - m);  // the level-0 partial's share (0 when it had no key)
+      float total = w0;
+      for (int64_t j = 0; j < nk; ++j) total += (s[j] = std::exp(s[j] - m));
+      float* o = orow.at(b, h, i);
+      const float inv = 1.f / total;
+      for (int64_t c = 0; c < D; ++c) o[c] *= w0 * inv;
+      for (int64_t j = 0; j < nk; ++j) axpy(s[j] * inv, vr.at(b, h, key[j]), o, D);
+      *l = m + std::log(total);
+    }
+  });
+}
+
+// Add the gradients of the extra pairs into dq, dk, dv ([B, H, N, D], in place); out and lse are the
+// merged ones. One task per (batch, head) owns its keys' gradient rows, so no two threads add to one row.
+void extra_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out,
+                    torch::Tensor lse, torch::Tensor row_batch, torch::Tensor row_pos, torch::Tensor offsets,
+                    torch::Tensor keys, double scale, torch::Tensor dq, torch::Tensor dk, torch::Tensor dv) {
+  check_tensors({grad_out, q, k, v, out, dq, dk, dv});
+  check_lse(lse, q);
+  const ExtraKeys ek = extra_keys(row_batch, row_pos, offsets, keys);
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
+  const Rows gr = rows_of(grad_out), qr = rows_of(q), kr = rows_of(k), vr = rows_of(v), orow = rows_of(out);
+  const Rows dqr = rows_of(dq), dkr = rows_of(dk), dvr = rows_of(dv);
+  const float* lp = lse.data_ptr<float>();
+  const int64_t lsb = lse.stride(0), lsh = lse.stride(1), lsn = lse.stride(2);
+  const float sc = float(scale);
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / H, h = task % H;
+      for (int64_t r = 0; r < ek.rows; ++r) {
+        if (ek.row_batch[r] != b) continue;
+        const int64_t i = ek.row_pos[r];
+        const float* g = gr.at(b, h, i);
+        const float* qi = qr.at(b, h, i);
+        float* dqi = dqr.at(b, h, i);
+        const float l = lp[b * lsb + h * lsh + i * lsn];
+        const float delta = dot(g, orow.at(b, h, i), D);
+        for (int64_t e = ek.offsets[r]; e < ek.offsets[r + 1]; ++e) {
+          const int64_t j = ek.keys[e];
+          const float* kj = kr.at(b, h, j);
+          const float p = std::exp(sc * dot(qi, kj, D) - l);
+          const float ds = sc * p * (dot(g, vr.at(b, h, j), D) - delta);
+          axpy(ds, kj, dqi, D);
+          axpy(ds, qi, dkr.at(b, h, j), D);
+          axpy(p, g, dvr.at(b, h, j), D);
+        }
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("band_forward", &band_forward);
   m.def("band_backward", &band_backward);
+  m.def("extra_forward", &extra_forward);
+  m.def("extra_backward", &extra_backward);
 }

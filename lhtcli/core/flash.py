@@ -28,6 +28,7 @@ from lhtcli.core.plan import (
     MLSWAPlan,
     chunks_past_participants,
     contiguous_band_parts,
+    extra_keys,
 )
 
 _FLASH_FORWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -96,9 +97,13 @@ def _level0_mask(plan: MLSWAPlan, dtype: torch.dtype) -> torch.Tensor:
 
 def prepare_plan(plan: MLSWAPlan, dtype: torch.dtype) -> MLSWAPlan:
     """Build what the fast path needs for ``dtype`` now rather than at the first call (it is cached on
-    the plan either way): the float band masks, but none for level 0 when the native kernel runs it."""
-    native0 = _native_kernel_for(dtype, plan.levels[0].index.device, plan) is not None
-    for level in range(1 if native0 else 0, len(plan.levels)):
+    the plan either way): the float band masks, or, when the native kernel runs the plan, the boundary
+    rows' extra-key lists instead."""
+    if _native_kernel_for(dtype, plan.levels[0].index.device, plan) is not None:
+        if plan.boundary is not None:
+            extra_keys(plan)
+        return plan
+    for level in range(len(plan.levels)):
         _level_mask(plan, level, _compute_dtype(dtype) if level else dtype)
     return plan
 
@@ -252,20 +257,31 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 and x.stride(-2) >= x.shape[-1] else x.contiguous()
 
 
+def _extra_key_lists(plan: MLSWAPlan) -> tuple[torch.Tensor, ...]:
+    keys = extra_keys(plan)
+    return keys.row_batch, keys.row_pos, keys.offsets, keys.keys
+
+
 def _native_forward(kernel, q, k, v, plan: MLSWAPlan, scale: float):
+    """The whole ML-SWA forward in the native kernel: level 0's band, then the extra keys of the
+    boundary rows (levels >= 1, [DOC]) merged in place."""
     window = min(plan.levels[0].window, plan.seq_len)
-    out, lse = kernel.band_forward(
-        *(_last_dim_contiguous(t) for t in (q, k, v)), plan.levels[0].counts, window, scale
-    )
-    return out.transpose(1, 2), lse  # out is token-major underneath, as the flash path's
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    out, lse = kernel.band_forward(q, k, v, plan.levels[0].counts, window, scale)
+    out = out.transpose(1, 2)  # token-major underneath, as the flash path's
+    if plan.boundary is not None:
+        kernel.extra_forward(q, k, v, out, lse, *_extra_key_lists(plan), scale)
+    return out, lse
 
 
 def _native_backward(kernel, grad_out, q, k, v, out, lse, plan: MLSWAPlan, scale: float):
     window = min(plan.levels[0].window, plan.seq_len)
-    grads = kernel.band_backward(
-        *(_last_dim_contiguous(t) for t in (grad_out, q, k, v, out)), lse, plan.levels[0].counts, window, scale
-    )
-    return [g.transpose(1, 2) for g in grads]
+    grad_out, q, k, v, out = (_last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
+    grads = [g.transpose(1, 2) for g in kernel.band_backward(grad_out, q, k, v, out, lse, plan.levels[0].counts,
+                                                               window, scale)]
+    if plan.boundary is not None:
+        kernel.extra_backward(grad_out, q, k, v, out, lse, *_extra_key_lists(plan), scale, *grads)
+    return grads
 
 
 def _flash_forward(q, k, v, plan: MLSWAPlan, scale: float):
@@ -274,10 +290,8 @@ def _flash_forward(q, k, v, plan: MLSWAPlan, scale: float):
     None when the native kernel ran level 0)."""
     kernel = _native_level0(q, plan)
     if kernel is not None:
-        out, lse = _native_forward(kernel, q, k, v, plan, scale)
-        kp = vp = None
-    else:
-        out, lse, kp, vp = _flash_band(q, k, v, plan, 0, scale)
+        return (*_native_forward(kernel, q, k, v, plan, scale), None, None)
+    out, lse, kp, vp = _flash_band(q, k, v, plan, 0, scale)
     if plan.boundary is not None:
         index = plan.boundary.index
         inputs = _BoundaryInputs.gather(q, k, v, plan)
@@ -332,8 +346,8 @@ class _FlashCompact(torch.autograd.Function):
         plan, scale = ctx.plan, ctx.scale
         if kp is None:
             dq, dk, dv = _native_backward(band_kernel(), grad_out, q, k, v, out, lse, plan, scale)
-        else:
-            dq, dk, dv = _flash_band_backward(grad_out, q, kp, vp, out, lse, plan, 0, scale)
+            return dq, dk, dv, None, None
+        dq, dk, dv = _flash_band_backward(grad_out, q, kp, vp, out, lse, plan, 0, scale)
         if plan.boundary is not None:
             _boundary_backward(grad_out, q, k, v, out, lse, plan, scale, (dq, dk, dv))
         return dq, dk, dv, None, None

@@ -75,6 +75,47 @@ class MLSWAPlan:
     cache: dict[Any, Any] = field(default_factory=dict, repr=False)  # lazily built per dtype / path
 
 
+@dataclass
+class ExtraKeys:
+    """What levels >= 1 and the [DOC] rule add, as key lists: row r (batch row ``row_batch[r]``,
+    position ``row_pos[r]``) also sees the positions ``keys[offsets[r] : offsets[r + 1]]``, none of
+    them in its level-0 band. Rows are ordered by batch row, then position; CPU int64 tensors."""
+
+    row_batch: torch.Tensor  # [R]
+    row_pos: torch.Tensor  # [R]
+    offsets: torch.Tensor  # [R + 1]
+    keys: torch.Tensor  # [E]
+
+
+def extra_keys(plan: MLSWAPlan) -> ExtraKeys:
+    """The plan's boundary pairs as :class:`ExtraKeys` (built once per plan, then cached on it)."""
+    if "extra_keys" in plan.cache:
+        return plan.cache["extra_keys"]
+    batches, queries, keys = [], [], []
+    for lp in plan.levels[1:]:
+        b, c, r, col = torch.nonzero(lp.band_mask[:, 0], as_tuple=True)
+        batches.append(b)
+        queries.append(lp.index[b, c * lp.chunk + r])
+        keys.append(lp.index[b, c * lp.chunk - lp.halo + col])
+    if plan.doc_link_mask is not None:  # [DOC] (position 0) and the top level's linked participants
+        b, t = torch.nonzero(plan.doc_link_mask[:, 0], as_tuple=True)
+        linked = plan.levels[-1].index[b, t]
+        batches += [b, b]
+        queries += [linked, torch.zeros_like(linked)]
+        keys += [torch.zeros_like(linked), linked]
+    empty = torch.zeros(0, dtype=torch.long)
+    b = torch.cat(batches).cpu() if batches else empty
+    q = torch.cat(queries).cpu() if queries else empty
+    k = torch.cat(keys).cpu() if keys else empty
+    order = torch.argsort(b * (plan.seq_len + 1) + q, stable=True)
+    b, q, k = b[order], q[order], k[order]
+    (row_key, counts) = torch.unique_consecutive(b * (plan.seq_len + 1) + q, return_counts=True)
+    offsets = F.pad(torch.cumsum(counts, 0), (1, 0))
+    result = ExtraKeys(row_key // (plan.seq_len + 1), row_key % (plan.seq_len + 1), offsets, k.contiguous())
+    plan.cache["extra_keys"] = result
+    return result
+
+
 def _chunk_size(window: int, count: int, max_chunk: int = MAX_CHUNK) -> int:
     chunk = MIN_CHUNK
     while chunk < window and chunk < max_chunk:
