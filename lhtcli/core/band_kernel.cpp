@@ -60,16 +60,51 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(x);
 }
 
+#ifdef __AVX512F__
+// exp of 16 floats: exp8's polynomial, with 2^n applied by scalef (exact, and 0 below the range)
+inline __m512 exp16(__m512 x) {
+  const __m512 hi = _mm512_set1_ps(88.3762626647949f), lo = _mm512_set1_ps(-88.3762626647949f);
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), half = _mm512_set1_ps(0.5f);
+  const __m512 c1 = _mm512_set1_ps(0.693359375f), c2 = _mm512_set1_ps(-2.12194440e-4f);
+  const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+  __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, log2e, half), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(fx, c1, x);
+  x = _mm512_fnmadd_ps(fx, c2, x);
+  __m512 z = _mm512_mul_ps(x, x);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, x, half);
+  y = _mm512_fmadd_ps(y, z, x);
+  y = _mm512_add_ps(y, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_mov_ps(~under, _mm512_scalef_ps(y, fx));
+}
+#endif
+
 // p[j] = exp(s[j] - m) for j in [0, n); returns the sum
 inline float exp_shift(float* s, int n, float m) {
-  __m256 vm = _mm256_set1_ps(m), acc = _mm256_setzero_ps();
   int j = 0;
+  float total = 0.f;
+#ifdef __AVX512F__
+  const __m512 wm = _mm512_set1_ps(m);
+  __m512 wide = _mm512_setzero_ps();
+  for (; j + 16 <= n; j += 16) {
+    __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), wm));
+    _mm512_storeu_ps(s + j, p);
+    wide = _mm512_add_ps(wide, p);
+  }
+  total = _mm512_reduce_add_ps(wide);
+#endif
+  __m256 vm = _mm256_set1_ps(m), acc = _mm256_setzero_ps();
   for (; j + 8 <= n; j += 8) {
     __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
     _mm256_storeu_ps(s + j, p);
     acc = _mm256_add_ps(acc, p);
   }
-  float total = hsum(acc);
+  total += hsum(acc);
   for (; j < n; ++j) {
     float p = std::exp(s[j] - m);
     s[j] = p;
@@ -83,13 +118,18 @@ constexpr int QB = 64;
 
 // max of s[0, n) (a scalar chain would wait on every compare's latency)
 inline float row_max(const float* s, int n) {
-  __m256 acc = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   int j = 0;
+  float m = -std::numeric_limits<float>::infinity();
+#ifdef __AVX512F__
+  __m512 wide = _mm512_set1_ps(m);
+  for (; j + 16 <= n; j += 16) wide = _mm512_max_ps(wide, _mm512_loadu_ps(s + j));
+  m = _mm512_reduce_max_ps(wide);
+#endif
+  __m256 acc = _mm256_set1_ps(m);
   for (; j + 8 <= n; j += 8) acc = _mm256_max_ps(acc, _mm256_loadu_ps(s + j));
   float buf[8];
   _mm256_storeu_ps(buf, acc);
-  float m = buf[0];
-  for (int t = 1; t < 8; ++t) m = std::max(m, buf[t]);
+  for (int t = 0; t < 8; ++t) m = std::max(m, buf[t]);
   for (; j < n; ++j) m = std::max(m, s[j]);
   return m;
 }
