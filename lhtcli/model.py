@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lhtcli.config import ModelConfig
+from lhtcli.core import native
 from lhtcli.core.attention import MLSWAContext
 from lhtcli.core.positions import HierarchicalPositions
 
@@ -93,12 +94,36 @@ class Dropout(nn.Module):
         n = x.numel()
         # random_() on int64 is uniform over [0, 2^63): every 16-bit quarter has 15 uniform low bits
         bits = torch.empty(-(-n // 4), dtype=torch.int64, device=x.device).random_().view(torch.int16)[:n]
+        scale = self.LEVELS / (self.LEVELS - self.threshold)
+        kernel = _native_dropout_kernel(x)
+        if kernel is not None:  # the same values in one pass, and only the integers kept for backward
+            return _NativeDropout.apply(x, bits, kernel, self.threshold, scale)
         keep = bits.bitwise_and_(self.LEVELS - 1).ge_(self.threshold).view(x.shape)
-        scale = torch.tensor(self.LEVELS / (self.LEVELS - self.threshold), dtype=x.dtype)
-        return x * (keep * scale)  # 0 or 1/keep-probability, made in one pass in x's dtype
+        return x * (keep * torch.tensor(scale, dtype=x.dtype))  # 0 or 1/keep-probability in x's dtype
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def _native_dropout_kernel(x: torch.Tensor):
+    """The native module when it is at hand for this float32 CPU tensor (it is never built for dropout
+    alone: training builds it for long sequences, or a cached build is loaded)."""
+    if x.dtype != torch.float32 or not x.is_contiguous() or not native.ready():
+        return None
+    return native.band_kernel()
+
+
+class _NativeDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bits, kernel, threshold: int, scale: float):
+        ctx.kernel, ctx.threshold, ctx.scale = kernel, threshold, scale
+        ctx.save_for_backward(bits)
+        return kernel.dropout_apply(x, bits, threshold, scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (bits,) = ctx.saved_tensors
+        return ctx.kernel.dropout_apply(grad.contiguous(), bits, ctx.threshold, ctx.scale), None, None, None, None
 
 
 class MLSWASelfAttention(nn.Module):

@@ -238,3 +238,42 @@ def test_training_builds_the_kernel_up_front_only_for_long_sequences(monkeypatch
     trainer.cfg = load_config(default_config_path())  # the default: 512 tokens run dense, nothing to build
     Trainer._prepare_attention_kernel(trainer)
     assert built == []
+
+
+@pytest.mark.parametrize("p", [0.1, 0.25, 0.5, 0.9])
+@pytest.mark.parametrize("shape", [(1, 37, 13), (2, 300, 256), (5,)])
+def test_native_dropout_gives_the_pytorch_expression_bit_for_bit(kernel, monkeypatch, p, shape):
+    """Same seed, same values: the native pass and x * (keep * scale) agree exactly, forward and
+    backward (odd sizes run the kernel's scalar tail; signed zeros, infinities and NaN included)."""
+    import lhtcli.model as model
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=gen) * 3
+    x.view(-1)[:3] = torch.tensor([float("inf"), float("nan"), -0.0])[: x.numel()]
+    grad = torch.randn(shape, generator=gen)
+    layer = model.Dropout(p).train()
+    calls = {"native": 0}
+    real_apply = model._NativeDropout.apply
+
+    def counting_apply(*args):
+        calls["native"] += 1
+        return real_apply(*args)
+
+    def run(native_on: bool):
+        with monkeypatch.context() as m:
+            m.setattr(model._NativeDropout, "apply", counting_apply)
+            if not native_on:
+                m.setattr(model, "_native_dropout_kernel", lambda x: None)
+            torch.manual_seed(11)
+            leaf = x.clone().requires_grad_(True)
+            out = layer(leaf)
+            (x_grad,) = torch.autograd.grad(out, leaf, grad)
+            return out.detach(), x_grad
+
+    native_out, native_grad = run(True)
+    assert calls["native"] == 1
+    torch_out, torch_grad = run(False)
+    assert calls["native"] == 1  # the second run took the PyTorch expression
+    assert torch.equal(native_out.view(torch.int32), torch_out.view(torch.int32))  # bits, NaN included
+    assert torch.equal(native_grad.view(torch.int32), torch_grad.view(torch.int32))
+    assert 0 < int((native_out == 0).sum()) < native_out.numel() or native_out.numel() < 20

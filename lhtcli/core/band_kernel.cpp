@@ -8,8 +8,9 @@
 // takes the *merged* output and log-sum-exp of the whole ML-SWA softmax (the split-KV identity), so
 // the gradients it returns are exact for the level-0 pairs even when higher levels add keys.
 //
-// Built on first use by lhtcli/core/native.py (torch.utils.cpp_extension, -O3 -march=native);
-// matrix products go to the BLAS inside torch (sgemm_), the exponentials are AVX2/FMA.
+// Built on first use by lhtcli/core/native.py (torch.utils.cpp_extension, -O3 -march=native) into one
+// module with the other kernels (bindings in native_module.cpp); matrix products go to the BLAS inside
+// torch (sgemm_), the exponentials are AVX2/FMA (AVX-512 where the CPU has it).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -444,11 +445,4 @@ void extra_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k, to
       }
     }
   });
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("band_forward", &band_forward);
-  m.def("band_backward", &band_backward);
-  m.def("extra_forward", &extra_forward);
-  m.def("extra_backward", &extra_backward);
 }

@@ -1,4 +1,5 @@
-"""The level-0 band kernel in C++ (``band_kernel.cpp``), compiled on first use.
+"""The native CPU kernels in C++, compiled on first use: ML-SWA attention (``band_kernel.cpp``:
+level 0's band and the boundary rows' extra keys) and the dropout mask (``dropout_kernel.cpp``).
 
 The CPU flash kernel that the fast path otherwise uses for level 0 computes whole 64 x 512 blocks over
 padded key windows with an additive mask: 768 keys per query where 513 are allowed at w=256. The
@@ -23,7 +24,9 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-_SOURCE = Path(__file__).with_name("band_kernel.cpp")
+_SOURCES = [
+    Path(__file__).with_name(name) for name in ("band_kernel.cpp", "dropout_kernel.cpp", "native_module.cpp")
+]
 _LOCK = threading.Lock()
 _STATE: dict[str, Any] = {}
 
@@ -67,7 +70,8 @@ def _build_name() -> str:
     import torch
 
     key = hashlib.sha256()
-    key.update(_SOURCE.read_bytes())
+    for source in _SOURCES:
+        key.update(source.read_bytes())
     key.update(torch.__version__.encode())
     key.update(" ".join(sorted(_cpu_flags())).encode())  # -march=native code is only valid on this CPU
     return f"lht_band_{key.hexdigest()[:16]}"
@@ -127,7 +131,7 @@ def band_kernel():
                     build.mkdir(parents=True, exist_ok=True)
                     module = load(
                         name,
-                        [str(_SOURCE)],
+                        [str(source) for source in _SOURCES],
                         extra_cflags=["-O3", "-march=native", "-mavx2", "-mfma", "-fopenmp"],
                         extra_ldflags=["-fopenmp"],
                         build_directory=str(build),

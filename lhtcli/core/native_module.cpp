@@ -1,0 +1,26 @@
+// The Python bindings of the native CPU kernels (one module, built by lhtcli/core/native.py).
+#include <torch/extension.h>
+#include <vector>
+
+// band_kernel.cpp: ML-SWA attention
+std::vector<torch::Tensor> band_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lengths,
+                                        int64_t window, double scale);
+std::vector<torch::Tensor> band_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                         torch::Tensor out, torch::Tensor lse, torch::Tensor lengths, int64_t window,
+                                         double scale);
+void extra_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out, torch::Tensor lse,
+                   torch::Tensor row_batch, torch::Tensor row_pos, torch::Tensor offsets, torch::Tensor keys,
+                   double scale);
+void extra_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out,
+                    torch::Tensor lse, torch::Tensor row_batch, torch::Tensor row_pos, torch::Tensor offsets,
+                    torch::Tensor keys, double scale, torch::Tensor dq, torch::Tensor dk, torch::Tensor dv);
+// dropout_kernel.cpp
+torch::Tensor dropout_apply(torch::Tensor x, torch::Tensor bits, int64_t threshold, double scale);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("band_forward", &band_forward);
+  m.def("band_backward", &band_backward);
+  m.def("extra_forward", &extra_forward);
+  m.def("extra_backward", &extra_backward);
+  m.def("dropout_apply", &dropout_apply);
+}
