@@ -207,9 +207,11 @@ std::vector<torch::Tensor> band_forward(torch::Tensor q, torch::Tensor k, torch:
   check_inputs({q, k, v}, lengths);
   lengths = lengths.contiguous();
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
-  auto out = torch::zeros({B, N, H, D}, q.options());
+  auto out = torch::empty({B, N, H, D}, q.options());  // the blocks write every real row whole
   auto lse = torch::full({B, H, N}, NEG_INF, q.options());
   auto len = lengths.accessor<int64_t, 1>();
+  for (int64_t b = 0; b < B; ++b)
+    if (len[b] < N) out.select(0, b).narrow(0, len[b], N - len[b]).zero_();
   const int64_t nqb = (N + QB - 1) / QB;
   const float* qp = q.data_ptr<float>(); const float* kp = k.data_ptr<float>(); const float* vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>(); float* lp = lse.data_ptr<float>();
@@ -264,8 +266,10 @@ std::vector<torch::Tensor> band_backward(torch::Tensor grad_out, torch::Tensor q
     const int64_t n = lengths[b].item<int64_t>();
     if (n < N) dq.select(0, b).narrow(0, n, N - n).zero_();
   }
-  auto dk = torch::zeros({B, N, H, D}, q.options());
-  auto dv = torch::zeros({B, N, H, D}, q.options());
+  // dk and dv accumulate over blocks; each task zeroes its head's rows just before the first block
+  // reaching them (while they are in cache) instead of a separate pass over both tensors
+  auto dk = torch::empty({B, N, H, D}, q.options());
+  auto dv = torch::empty({B, N, H, D}, q.options());
   auto len = lengths.accessor<int64_t, 1>();
   const int64_t nqb = (N + QB - 1) / QB;
   const float* qp = q.data_ptr<float>(); const float* kp = k.data_ptr<float>(); const float* vp = v.data_ptr<float>();
@@ -283,6 +287,13 @@ std::vector<torch::Tensor> band_backward(torch::Tensor grad_out, torch::Tensor q
     std::vector<float> p(QB * width), dp(QB * width), delta(QB);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / H, h = task % H, n = len[b];
+      int64_t zeroed = 0;  // dk, dv rows [0, zeroed) of this head are initialised
+      auto zero_rows = [&](int64_t end_row) {
+        for (; zeroed < end_row; ++zeroed) {
+          std::fill_n(dkp + (b * N + zeroed) * rs + h * D, D, 0.f);
+          std::fill_n(dvp + (b * N + zeroed) * rs + h * D, D, 0.f);
+        }
+      };
       for (int64_t blk = 0; blk < nqb; ++blk) {
         const int64_t q0 = blk * QB;
         if (q0 >= n) break;
@@ -305,6 +316,7 @@ std::vector<torch::Tensor> band_backward(torch::Tensor grad_out, torch::Tensor q
           exp_shift(pr + a, e - a, l);
           delta[r] = dot(gb + r * gsn, ob + r * osn, D);
         }
+        zero_rows(k_lo + nk);
         // dV += P^T dO ; dP = dO V^T
         gemm(true, false, nk, int(D), rows, 1.f, p.data(), nk, gb, int(gsn), 1.f, dvp + (b * N + k_lo) * rs + h * D, int(rs));
         gemm(false, true, rows, nk, int(D), 1.f, gb, int(gsn), vb, int(vsn), 0.f, dp.data(), nk);
@@ -323,6 +335,7 @@ std::vector<torch::Tensor> band_backward(torch::Tensor grad_out, torch::Tensor q
         gemm(false, false, rows, int(D), nk, 1.f, p.data(), nk, kb, int(ksn), 0.f, dqp + (b * N + q0) * rs + h * D, int(rs));
         gemm(true, false, nk, int(D), rows, 1.f, p.data(), nk, qb, int(qsn), 1.f, dkp + (b * N + k_lo) * rs + h * D, int(rs));
       }
+      zero_rows(N);  // padding rows
     }
   });
   return {dq, dk, dv};
