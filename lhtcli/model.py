@@ -63,10 +63,62 @@ def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     elementwise cost of a training step. Half precision is rotated in float32 (there is no complex
     bfloat16)."""
     work = x if x.dtype in _COMPLEX_OF else x.float()
-    if work.stride(-1) != 1 or work.storage_offset() % 2 or any(s % 2 for s in work.stride()[:-1]):
-        work = work.contiguous()  # view_as_complex needs whole (re, im) pairs
-    turned = torch.view_as_complex(work.unflatten(-1, (-1, 2))) * rotation.to(_COMPLEX_OF[work.dtype])
+    turned = _as_complex_pairs(work) * rotation.to(_COMPLEX_OF[work.dtype])
     return torch.view_as_real(turned).flatten(-2).to(x.dtype)
+
+
+def _as_complex_pairs(x: torch.Tensor) -> torch.Tensor:
+    """x [..., D] as complex [..., D/2] of its (even, odd) pairs: a view where the strides allow."""
+    if x.stride(-1) != 1 or x.storage_offset() % 2 or any(s % 2 for s in x.stride()[:-1]):
+        x = x.contiguous()  # view_as_complex needs whole (re, im) pairs
+    return torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+
+
+class _RotatedQKV(torch.autograd.Function):
+    """q, k (rotated) and v from the packed projection [B, N, 3, H, D], whose backward writes the
+    packed gradient in one pass: the inverse rotations of dq and dk go straight into their thirds of
+    it. Composed from split, rotate and unbind, autograd would write it three times (stack, rotate,
+    cat)."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, rotation: torch.Tensor):
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zero tensor made
+        ctx.save_for_backward(rotation)
+        qk, v = qkv.split([2, 1], dim=2)
+        q, k = apply_rotary(qk, rotation[:, :, None, None]).unbind(2)
+        return q, k, v.squeeze(2)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (rotation,) = ctx.saved_tensors
+        like = next((g for g in grads if g is not None), None)
+        if like is None:
+            return None, None
+        batch, n, heads, dim = like.shape
+        packed = like.new_empty(batch, n, 3, heads, dim)
+        inverse = rotation.conj()[:, :, None]  # [B, N, 1, D/2]
+        for part, grad in enumerate(grads):
+            target = packed[:, :, part]
+            if grad is None:
+                target.zero_()
+            elif part == 2:
+                target.copy_(grad)
+            else:
+                out = torch.view_as_complex(target.unflatten(-1, (-1, 2)))
+                torch.mul(_as_complex_pairs(grad), inverse, out=out)
+        return packed, None
+
+
+def split_rotated(qkv: torch.Tensor, rotation: torch.Tensor | None):
+    """(q, k, v) [B, N, H, D] from the packed projection [B, N, 3, H, D]; q and k rotated by
+    ``rotation`` [B, N, D/2] (complex) when given."""
+    if rotation is None:
+        return qkv.unbind(2)
+    if qkv.dtype in _COMPLEX_OF:
+        return _RotatedQKV.apply(qkv, rotation.to(_COMPLEX_OF[qkv.dtype]))
+    qk, v = qkv.split([2, 1], dim=2)  # half precision: rotated in float32 by apply_rotary, autograd
+    q, k = apply_rotary(qk, rotation[:, :, None, None]).unbind(2)
+    return q, k, v.squeeze(2)
 
 
 class Dropout(nn.Module):
@@ -148,12 +200,7 @@ class MLSWASelfAttention(nn.Module):
         qkv = self.qkv(x).view(batch, n, 3, self.n_heads, self.head_dim)
         # Split along the packed axis of the token-major layout: the backward is then one cat straight
         # into the projection's gradient layout (no zero-filled per-head copies, no reshape copy).
-        if rotary is None:
-            q, k, v = qkv.unbind(2)
-        else:
-            qk, v = qkv.split([2, 1], dim=2)
-            q, k = apply_rotary(qk, rotary.transpose(1, 2)[:, :, None]).unbind(2)  # rotation per token
-            v = v.squeeze(2)
+        q, k, v = split_rotated(qkv, None if rotary is None else rotary[:, 0])
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, N, D] views
         if captures is not None:
             captures.append(LayerCapture(self.layer, self.max_level, q.detach(), k.detach()))

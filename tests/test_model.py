@@ -3,7 +3,7 @@ import torch
 
 from lhtcli.config import ModelConfig
 from lhtcli.core import HierarchicalPositions, positions_from_lengths
-from lhtcli.model import Dropout, LHTEncoder, RotaryEmbedding, apply_rotary
+from lhtcli.model import Dropout, LHTEncoder, RotaryEmbedding, apply_rotary, split_rotated
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -184,3 +184,39 @@ def test_dropout_is_the_identity_in_eval_and_at_zero():
     assert Dropout(0.5).eval()(x) is x
     with pytest.raises(ValueError):
         Dropout(1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_split_rotated_matches_split_rotate_unbind_with_gradients(dtype):
+    """The packed split with its one-pass backward gives the composed ops' values and gradients, for
+    gradients of any layout (head-major views as SDPA returns them) and for unused outputs."""
+    torch.manual_seed(0)
+    batch, n, heads, dim = 2, 9, 3, 8
+    qkv = torch.randn(batch, n, 3, heads, dim, dtype=torch.float64).to(dtype)
+    rotation = RotaryEmbedding(dim)(torch.arange(n).expand(batch, n))[:, 0]  # [B, N, D/2]
+
+    def composed(packed):
+        qk, v = packed.split([2, 1], dim=2)
+        q, k = apply_rotary(qk, rotation[:, :, None, None]).unbind(2)
+        return q, k, v.squeeze(2)
+
+    grads = [torch.randn(batch, heads, n, dim, dtype=torch.float64).to(dtype).transpose(1, 2) for _ in range(3)]
+    tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 1e-6, "rtol": 1e-6}
+    for used in ([0, 1, 2], [0, 2], [1]):
+        leaves = [qkv.clone().requires_grad_(True) for _ in range(2)]
+        got, want = split_rotated(leaves[0], rotation), composed(leaves[1])
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, **tol)
+        sum((got[i] * grads[i]).sum() for i in used).backward()
+        sum((want[i] * grads[i]).sum() for i in used).backward()
+        torch.testing.assert_close(leaves[0].grad, leaves[1].grad, **tol)
+        assert leaves[0].grad.abs().sum() > 0
+
+
+def test_split_rotated_passes_gradcheck():
+    torch.manual_seed(0)
+    qkv = torch.randn(1, 5, 3, 2, 4, dtype=torch.float64, requires_grad=True)
+    rotation = RotaryEmbedding(4)(torch.arange(5)[None])[:, 0]
+    assert torch.autograd.gradcheck(lambda t: split_rotated(t, rotation), (qkv,))
+    q, k, v = split_rotated(qkv, None)
+    assert torch.equal(v, qkv[:, :, 2])
