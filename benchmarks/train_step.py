@@ -34,6 +34,7 @@ from lhtcli.config import ModelConfig, load_config  # noqa: E402
 from lhtcli.core.attention import choose_backend  # noqa: E402
 from lhtcli.core.positions import HierarchicalPositions, positions_from_lengths  # noqa: E402
 from lhtcli.model import LHTEncoder, describe_size  # noqa: E402
+from lhtcli.training.allocator import reuse_freed_memory  # noqa: E402
 from lhtcli.training.optimizer import build_adamw  # noqa: E402
 
 
@@ -154,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        reuse_freed_memory()  # as `lht train` does (buffers reused step to step, no fresh pages)
 
     if args.config:
         full = load_config(args.config)

@@ -20,6 +20,7 @@ from lhtcli.core.attention import choose_backend
 from lhtcli.errors import CheckpointError, ConfigError, LHTError
 from lhtcli.loggers import FanOutLogger, create_logger
 from lhtcli.model import LHTEncoder
+from lhtcli.training.allocator import reuse_freed_memory
 from lhtcli.training.checkpoint import (
     Checkpoint,
     check_model_compatible,
@@ -168,6 +169,8 @@ class Trainer:
         device = resolve_device(cfg.device)
         self.dist = init_distributed(device)
         self.device = self.dist.device(device)
+        if self.device.type == "cpu":
+            reuse_freed_memory()
         self.quiet = quiet or not self.dist.is_main
         self.console = console if console is not None and self.dist.is_main else Console(quiet=self.quiet)
         if self.dist.is_main:
