@@ -89,7 +89,8 @@ def result(cfg: ModelConfig, backend: str, batch, times: list[float], first_loss
     return {
         "backend": backend,
         "tokens": ids.numel(),
-        "runs": choose_backend(ids.shape[1], device, backend, token_window=cfg.mlswa.window_size_per_level[0]),
+        "runs": choose_backend(ids.shape[1], device, backend, token_window=cfg.mlswa.window_size_per_level[0],
+                               batch_size=ids.shape[0]),
         "s_per_step": step_s,
         "tokens_per_s": ids.numel() / step_s,
         "peak_gib": peak,

@@ -333,11 +333,16 @@ def test_auto_dispatch_by_length():
     assert choose_backend(641, "cpu", token_window=32, native_kernel=False) == "compact"
     assert choose_backend(512, "cpu", token_window=4, native_kernel=False) == "dense"
     assert choose_backend(1024, "cpu", token_window=256, native_kernel=False) == "dense"
-    # the native level-0 kernel moves it further (measured: ~3 windows at w=256), still never below 512
-    assert choose_backend(768, "cpu", token_window=256, native_kernel=True) == "dense"
-    assert choose_backend(769, "cpu", token_window=256, native_kernel=True) == "compact"
-    assert choose_backend(512, "cpu", token_window=32, native_kernel=True) == "dense"
-    assert choose_backend(513, "cpu", token_window=32, native_kernel=True) == "compact"
+    # the native kernels move it to (256 + w) tokens for one sequence, / sqrt(B) for batches, >= 128
+    assert choose_backend(512, "cpu", token_window=256, native_kernel=True) == "dense"
+    assert choose_backend(513, "cpu", token_window=256, native_kernel=True) == "compact"
+    assert choose_backend(288, "cpu", token_window=32, native_kernel=True) == "dense"
+    assert choose_backend(289, "cpu", token_window=32, native_kernel=True) == "compact"
+    assert choose_backend(256, "cpu", token_window=256, native_kernel=True, batch_size=4) == "dense"
+    assert choose_backend(257, "cpu", token_window=256, native_kernel=True, batch_size=4) == "compact"
+    assert choose_backend(128, "cpu", token_window=32, native_kernel=True, batch_size=8) == "dense"
+    assert choose_backend(129, "cpu", token_window=32, native_kernel=True, batch_size=8) == "compact"
+    assert choose_backend(1280, "cpu", token_window=4096, native_kernel=True) == "dense"  # capped like dense
     with pytest.raises(ValueError, match="backend"):
         choose_backend(64, "cpu", "fast")
 

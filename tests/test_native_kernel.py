@@ -209,7 +209,7 @@ def test_expanded_output_gradients_reach_the_kernel_as_proper_rows(kernel):
         assert relative_error(got_g, want_g) < 5e-5
 
 
-def test_training_builds_the_kernel_up_front_only_for_long_sequences(monkeypatch):
+def test_training_builds_the_kernel_up_front_only_when_batches_run_compact(monkeypatch):
     from types import SimpleNamespace
 
     from rich.console import Console
@@ -221,7 +221,8 @@ def test_training_builds_the_kernel_up_front_only_for_long_sequences(monkeypatch
         default_config_path(), ["model.max_seq_len=4096", "model.mlswa.window_size_per_level=[256, 8, 4]"]
     )
     console, warned, built = Console(record=True, width=200), [], []
-    trainer = SimpleNamespace(cfg=long, device=torch.device("cpu"), console=console, warn=warned.append)
+    trainer = SimpleNamespace(cfg=long, tcfg=long.training, device=torch.device("cpu"), console=console,
+                              warn=warned.append)
     monkeypatch.setattr(native, "supported", lambda: True)
     monkeypatch.setattr(native, "is_built", lambda: False)
     monkeypatch.setattr(native, "ready", lambda: True)
@@ -235,9 +236,14 @@ def test_training_builds_the_kernel_up_front_only_for_long_sequences(monkeypatch
 
     built.clear()
     monkeypatch.setattr(native, "warm_up", lambda status: built.append(status) and None)
-    trainer.cfg = load_config(default_config_path())  # the default: 512 tokens run dense, nothing to build
+    short = load_config(default_config_path(), ["model.max_seq_len=128"])  # batches of 8 x 128 run dense
+    trainer.cfg, trainer.tcfg = short, short.training
     Trainer._prepare_attention_kernel(trainer)
     assert built == []
+    default = load_config(default_config_path())  # 8 x 512 tokens at w=32: compact, so the kernel is built
+    trainer.cfg, trainer.tcfg = default, default.training
+    Trainer._prepare_attention_kernel(trainer)
+    assert len(built) == 1
 
 
 @pytest.mark.parametrize("p", [0.1, 0.25, 0.5, 0.9])

@@ -19,7 +19,7 @@ Backends (``model.mlswa.backend``):
   elsewhere (CUDA) level 0 runs in the public SDPA, the boundary rows' level-0 lse is recomputed
   explicitly and autograd does the rest.
 * ``dense`` - one SDPA call with the dense mask (built once per batch and ``max_level``); quadratic,
-  the fastest below about 1.3k tokens on CPU.
+  the fastest below a few hundred tokens on CPU with the native kernels (about 1.3k without).
 * ``flex`` - FlexAttention over "extended keys" (one copy of each boundary token's key appended
   after the sequence, so hierarchical links land in a few extra key blocks), for CUDA.
 * ``auto`` - dense up to a crossover length, compact above: :data:`DENSE_AUTO_MAX_LEN` tokens for
@@ -35,6 +35,7 @@ This module is the public entry point and the dispatch; the implementations live
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,22 +57,28 @@ DENSE_AUTO_MAX_LEN = 1280
 # keeps dense up to DENSE_PER_WINDOW windows, clamped to [DENSE_AUTO_MIN_LEN, DENSE_AUTO_MAX_LEN].
 DENSE_PER_WINDOW = 20
 DENSE_AUTO_MIN_LEN = 512
-# With the native level-0 kernel (core/native.py) the compact path is cheaper still: measured
-# crossovers ~3 windows at w=256 (768 tokens) and at most 512 tokens at w=32.
-NATIVE_DENSE_PER_WINDOW = 3
+# With the native CPU kernels (core/native.py) the compact path wins much earlier, and earlier still
+# for batches (dense's cost grows with B N^2, the compact path's per-call overhead does not). Measured
+# crossovers per layer f+b (ML-SWA windows w, 16-64 heads x dims): one sequence ~280 tokens at w=32 to
+# ~470 at w=256; batches of 8 ~130 at w=32 to ~230 at w=256. auto keeps dense up to
+# (NATIVE_DENSE_BASE + w) / sqrt(B) tokens, at least NATIVE_DENSE_MIN_LEN.
+NATIVE_DENSE_BASE = 256
+NATIVE_DENSE_MIN_LEN = 128
 BACKENDS = ("auto", "dense", "compact", "flex")
 
 
 # ----------------------------------------------------------------------------------------------
 # dispatch
 # ----------------------------------------------------------------------------------------------
-def dense_crossover(token_window: int | None = None, native_kernel: bool = False) -> int:
+def dense_crossover(token_window: int | None = None, native_kernel: bool = False, batch_size: int = 1) -> int:
     """Longest sequence ``auto`` runs dense for this level-0 window (None: a wide window), with or
-    without the native CPU kernel for level 0."""
+    without the native CPU kernels, for batches of ``batch_size`` sequences."""
     if token_window is None:
         return DENSE_AUTO_MAX_LEN
-    per_window = NATIVE_DENSE_PER_WINDOW if native_kernel else DENSE_PER_WINDOW
-    return max(DENSE_AUTO_MIN_LEN, min(DENSE_AUTO_MAX_LEN, per_window * int(token_window)))
+    if native_kernel:
+        reach = (NATIVE_DENSE_BASE + int(token_window)) / math.sqrt(max(batch_size, 1))
+        return max(NATIVE_DENSE_MIN_LEN, min(DENSE_AUTO_MAX_LEN, int(reach)))
+    return max(DENSE_AUTO_MIN_LEN, min(DENSE_AUTO_MAX_LEN, DENSE_PER_WINDOW * int(token_window)))
 
 
 def choose_backend(
@@ -80,17 +87,18 @@ def choose_backend(
     requested: str = "auto",
     token_window: int | None = None,
     native_kernel: bool | None = None,
+    batch_size: int = 1,
 ) -> str:
     """The backend that runs: ``requested``, or for ``auto`` dense on short sequences and compact above
     (the crossover depends on the token window and, on CPU, on whether the native level-0 kernel is
-    built, see :func:`dense_crossover`; ``native_kernel`` overrides that check)."""
+    built, and on the batch size, see :func:`dense_crossover`; ``native_kernel`` overrides that check)."""
     if requested not in BACKENDS:
         raise ValueError(f"unknown attention backend {requested!r} (expected one of {', '.join(BACKENDS)})")
     if requested != "auto":
         return requested
     if native_kernel is None:
         native_kernel = torch.device(device).type == "cpu" and native.ready()
-    return "dense" if seq_len <= dense_crossover(token_window, native_kernel) else "compact"
+    return "dense" if seq_len <= dense_crossover(token_window, native_kernel, batch_size) else "compact"
 
 
 def mlswa_attention(
@@ -114,7 +122,8 @@ def mlswa_attention(
         raise ValueError(f"q, k, v must be [B, N, H, D], got q of shape {tuple(q.shape)}")
     positions = positions.batched()
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-    chosen = choose_backend(q.shape[1], q.device, backend, token_window=int(window_size_per_level[0]))
+    chosen = choose_backend(q.shape[1], q.device, backend, token_window=int(window_size_per_level[0]),
+                            batch_size=q.shape[0])
     if chosen == "compact":
         plan = plan or build_mlswa_plan(positions, window_size_per_level, max_level)
         out = fast_compact_attention(qh, kh, vh, plan, scale)
@@ -142,7 +151,7 @@ class MLSWAContext:
         self.positions = positions.batched()
         self.windows = [int(w) for w in window_size_per_level]
         self.backend = choose_backend(self.positions.seq_len, self.positions.device, backend,
-                                      token_window=self.windows[0])
+                                      token_window=self.windows[0], batch_size=self.positions.batch_size)
         self._prepared: dict[int, Any] = {}
 
     def prepared(self, max_level: int):

@@ -8,7 +8,7 @@ accumulates the key gradients in place: about 30% less time for level 0's forwar
 
 It is built with ``torch.utils.cpp_extension`` (g++ and ninja, ``-O3 -march=native``: it runs on the
 machine that built it) into ``$LHT_KERNEL_CACHE`` (default ``$XDG_CACHE_HOME/lht/kernels`` or
-``~/.cache/lht/kernels``), once per source, torch version and CPU; that takes about 30 s. Anything
+``~/.cache/lht/kernels``), once per source, torch version and CPU; that takes 30-45 s on 2 cores. Anything
 missing (no compiler, no AVX2/FMA, not x86-64 Linux) or ``LHT_NATIVE_KERNEL=0`` leaves the flash
 kernel in place, with one warning when a build was attempted and failed.
 """
@@ -154,7 +154,7 @@ def warm_up(status) -> str | None:
     ``console.status``, when it is not cached); returns why it is unavailable, or None."""
     building = "module" not in _STATE and _why_unsupported() is None and not is_built()
     with (
-        status("building the ML-SWA CPU kernel (once per machine, about 30 s)") if building else nullcontext(),
+        status("building the ML-SWA CPU kernel (once per machine, under a minute)") if building else nullcontext(),
         warnings.catch_warnings(),
     ):
         warnings.simplefilter("ignore", RuntimeWarning)  # the reason is returned instead

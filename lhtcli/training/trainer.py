@@ -231,7 +231,8 @@ class Trainer:
         when the longest batches will run the compact backend."""
         mcfg, supported = self.cfg.model, native.supported()
         backend = choose_backend(mcfg.max_seq_len, self.device, mcfg.mlswa.backend,
-                                 token_window=mcfg.mlswa.window_size_per_level[0], native_kernel=supported)
+                                 token_window=mcfg.mlswa.window_size_per_level[0], native_kernel=supported,
+                                 batch_size=self.tcfg.batch_size)
         if self.device.type != "cpu" or backend != "compact":
             return
         building, started = supported and not native.is_built(), time.perf_counter()
