@@ -30,6 +30,11 @@ inline void gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float
   sgemm_(&fb, &fa, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
 }
 
+// Cephes expf: exp(x) = 2^n exp(r), |r| <= ln2 / 2, exp(r) = 1 + r + r^2 P(r) with these P coefficients
+constexpr float EXP_POLY[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                              4.1665795894e-2f, 1.6666665459e-1f, 0.5f};
+constexpr int EXP_TERMS = sizeof(EXP_POLY) / sizeof(EXP_POLY[0]);
+
 // exp of 8 floats (Cephes polynomial, ~1 ulp); -inf -> 0
 inline __m256 exp8(__m256 x) {
   const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-88.3762626647949f);
@@ -41,12 +46,8 @@ inline __m256 exp8(__m256 x) {
   x = _mm256_fnmadd_ps(fx, c1, x);
   x = _mm256_fnmadd_ps(fx, c2, x);
   __m256 z = _mm256_mul_ps(x, x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, half);
+  __m256 y = _mm256_set1_ps(EXP_POLY[0]);
+  for (int i = 1; i < EXP_TERMS; ++i) y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(EXP_POLY[i]));
   y = _mm256_fmadd_ps(y, z, x);
   y = _mm256_add_ps(y, _mm256_set1_ps(1.0f));
   __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
@@ -73,12 +74,8 @@ inline __m512 exp16(__m512 x) {
   x = _mm512_fnmadd_ps(fx, c1, x);
   x = _mm512_fnmadd_ps(fx, c2, x);
   __m512 z = _mm512_mul_ps(x, x);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, x, half);
+  __m512 y = _mm512_set1_ps(EXP_POLY[0]);
+  for (int i = 1; i < EXP_TERMS; ++i) y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(EXP_POLY[i]));
   y = _mm512_fmadd_ps(y, z, x);
   y = _mm512_add_ps(y, _mm512_set1_ps(1.0f));
   return _mm512_maskz_mov_ps(~under, _mm512_scalef_ps(y, fx));
