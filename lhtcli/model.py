@@ -84,9 +84,7 @@ class _RotatedQKV(torch.autograd.Function):
     def forward(ctx, qkv: torch.Tensor, rotation: torch.Tensor):
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zero tensor made
         ctx.save_for_backward(rotation)
-        qk, v = qkv.split([2, 1], dim=2)
-        q, k = apply_rotary(qk, rotation[:, :, None, None]).unbind(2)
-        return q, k, v.squeeze(2)
+        return _split_and_rotate(qkv, rotation)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -116,7 +114,11 @@ def split_rotated(qkv: torch.Tensor, rotation: torch.Tensor | None):
         return qkv.unbind(2)
     if qkv.dtype in _COMPLEX_OF:
         return _RotatedQKV.apply(qkv, rotation.to(_COMPLEX_OF[qkv.dtype]))
-    qk, v = qkv.split([2, 1], dim=2)  # half precision: rotated in float32 by apply_rotary, autograd
+    return _split_and_rotate(qkv, rotation)  # half precision: rotated in float32, autograd's backward
+
+
+def _split_and_rotate(qkv: torch.Tensor, rotation: torch.Tensor):
+    qk, v = qkv.split([2, 1], dim=2)
     q, k = apply_rotary(qk, rotation[:, :, None, None]).unbind(2)
     return q, k, v.squeeze(2)
 
