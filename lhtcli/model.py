@@ -161,7 +161,7 @@ class Dropout(nn.Module):
 
 def _native_dropout_kernel(x: torch.Tensor):
     """The native module when it is at hand for this float32 CPU tensor (it is never built for dropout
-    alone: training builds it for long sequences, or a cached build is loaded)."""
+    alone: training builds it when its batches run the compact path, or a cached build is loaded)."""
     if x.dtype != torch.float32 or not x.is_contiguous() or not native.ready():
         return None
     return native.band_kernel()

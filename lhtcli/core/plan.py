@@ -107,11 +107,12 @@ def extra_keys(plan: MLSWAPlan) -> ExtraKeys:
     b = torch.cat(batches).cpu() if batches else empty
     q = torch.cat(queries).cpu() if queries else empty
     k = torch.cat(keys).cpu() if keys else empty
-    order = torch.argsort(b * (plan.seq_len + 1) + q, stable=True)
-    b, q, k = b[order], q[order], k[order]
-    (row_key, counts) = torch.unique_consecutive(b * (plan.seq_len + 1) + q, return_counts=True)
+    stride = plan.seq_len + 1
+    row_of_pair = b * stride + q  # one number per (batch row, position): sorting it groups the rows
+    order = torch.argsort(row_of_pair, stable=True)
+    rows, counts = torch.unique_consecutive(row_of_pair[order], return_counts=True)
     offsets = F.pad(torch.cumsum(counts, 0), (1, 0))
-    result = ExtraKeys(row_key // (plan.seq_len + 1), row_key % (plan.seq_len + 1), offsets, k.contiguous())
+    result = ExtraKeys(rows // stride, rows % stride, offsets, k[order].contiguous())
     plan.cache["extra_keys"] = result
     return result
 
