@@ -79,3 +79,19 @@ def subprocess_env() -> Iterator[dict[str, str]]:
     env.update({"NO_COLOR": "1", "COLUMNS": "200", "TERM": "dumb"})
     env.pop("FORCE_COLOR", None)
     yield env
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """The compiled native module (lhtcli/core/native.py); a failure where g++ and ninja could build it,
+    a skip where they cannot."""
+    from lhtcli.core import native
+
+    native.reset()
+    module = native.band_kernel()
+    if module is None:
+        buildable = native._why_unsupported() is None and shutil.which("g++") and shutil.which("ninja")
+        if buildable:
+            pytest.fail(f"the native kernel should build here: {native.unavailable_reason()}")
+        pytest.skip(f"native kernel unavailable here: {native.unavailable_reason()}")
+    return module

@@ -1,5 +1,6 @@
 """The native CPU kernels in C++, compiled on first use: ML-SWA attention (``band_kernel.cpp``:
-level 0's band and the boundary rows' extra keys) and the dropout mask (``dropout_kernel.cpp``).
+level 0's band and the boundary rows' extra keys), dropout (``dropout_kernel.cpp``) and the MLP's bias +
+GELU (``gelu_kernel.cpp``).
 
 The CPU flash kernel that the fast path otherwise uses for level 0 computes whole 64 x 512 blocks over
 padded key windows with an additive mask: 768 keys per query where 513 are allowed at w=256. The
@@ -25,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 _SOURCES = [
-    Path(__file__).with_name(name) for name in ("band_kernel.cpp", "dropout_kernel.cpp", "native_module.cpp")
+    Path(__file__).with_name(name)
+    for name in ("band_kernel.cpp", "dropout_kernel.cpp", "gelu_kernel.cpp", "native_module.cpp")
 ]
 _LOCK = threading.Lock()
 _STATE: dict[str, Any] = {}

@@ -15,12 +15,17 @@ void extra_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k, to
                     torch::Tensor lse, torch::Tensor row_batch, torch::Tensor row_pos, torch::Tensor offsets,
                     torch::Tensor keys, double scale, torch::Tensor dq, torch::Tensor dk, torch::Tensor dv);
 // dropout_kernel.cpp
-torch::Tensor dropout_apply(torch::Tensor x, torch::Tensor bits, int64_t threshold, double scale);
+torch::Tensor dropout_philox(torch::Tensor x, int64_t seed, int64_t threshold, double scale);
+// gelu_kernel.cpp
+std::vector<torch::Tensor> bias_gelu_forward(torch::Tensor h, torch::Tensor bias, bool with_derivative);
+std::vector<torch::Tensor> bias_gelu_backward(torch::Tensor grad, torch::Tensor derivative);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("band_forward", &band_forward);
   m.def("band_backward", &band_backward);
   m.def("extra_forward", &extra_forward);
   m.def("extra_backward", &extra_backward);
-  m.def("dropout_apply", &dropout_apply);
+  m.def("dropout_philox", &dropout_philox);
+  m.def("bias_gelu_forward", &bias_gelu_forward);
+  m.def("bias_gelu_backward", &bias_gelu_backward);
 }

@@ -1,0 +1,104 @@
+"""The native bias + GELU kernel (lhtcli/core/gelu_kernel.cpp) against float64 references, and the model's
+MLP through it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lhtcli.model as model
+
+
+def _reference(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GELU and its derivative in float64 through erfc, exact in the far tails too (F.gelu's float64
+    1 + erf(z / sqrt 2) cancels to 0 below z ~ -8)."""
+    z = z.double()
+    cdf = 0.5 * torch.special.erfc(-z / math.sqrt(2))
+    return z * cdf, cdf + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+
+
+@pytest.mark.parametrize("features", [1, 15, 16, 37, 1024])
+def test_bias_gelu_forward_matches_float64_with_relative_precision(kernel, features):
+    gen = torch.Generator().manual_seed(features)
+    h = torch.randn(3, 50, features, generator=gen) * 4
+    h.view(-1)[: min(6, h.numel())] = torch.tensor([-30.0, -12.0, -9.0, 0.0, 9.0, 30.0])[: min(6, h.numel())]
+    bias = torch.randn(features, generator=gen)
+    z = h + bias
+    y, derivative = kernel.bias_gelu_forward(h, bias, True)
+    want_y, want_d = _reference(z)
+    assert y.shape == h.shape and derivative.shape == h.shape
+    # relative to each value (the tail included: rounding z^2 before the exp costs ~z^2 * 6e-8), with an
+    # absolute floor at float32's smallest normal
+    assert ((y.double() - want_y).abs() <= 1e-5 * want_y.abs() + 1e-37).all()
+    assert ((y.double() - want_y).abs() <= 1e-6 * want_y.abs() + 1e-37)[z.abs() < 4].all()
+    assert (derivative.double() - want_d).abs().max() < 1e-6
+    y_only, none = kernel.bias_gelu_forward(h, bias, False)
+    assert none.numel() == 0 and torch.equal(y_only, y)
+
+
+def test_bias_gelu_keeps_the_far_tail_that_float32_erf_loses(kernel):
+    z = torch.linspace(-13.0, -6.0, 701)
+    y, _ = kernel.bias_gelu_forward(z[None], torch.zeros(z.numel()), False)
+    want, _ = _reference(z)
+    assert ((y[0].double() - want) / want).abs().max() < 1.5e-5
+    torch_error = ((F.gelu(z).double() - want) / want).abs().max()
+    assert torch_error > 1e-2  # PyTorch's float32 GELU: an absolute-error erf
+
+
+@pytest.mark.parametrize("features", [7, 64, 1030])
+def test_bias_gelu_backward_is_the_gradient_and_the_bias_gradient_its_column_sums(kernel, features):
+    gen = torch.Generator().manual_seed(features + 1)
+    h = torch.randn(70, features, generator=gen) * 3
+    bias = torch.randn(features, generator=gen)
+    grad = torch.randn(70, features, generator=gen)
+    _, derivative = kernel.bias_gelu_forward(h, bias, True)
+    grad_h, grad_bias = kernel.bias_gelu_backward(grad, derivative)
+    _, want_d = _reference(h + bias)
+    want_h = grad.double() * want_d
+    assert (grad_h.double() - want_h).abs().max() < 2e-6 * grad.abs().max()
+    assert (grad_bias.double() - want_h.sum(0)).abs().max() < 1e-5 * want_h.abs().sum(0).max()
+    with pytest.raises(RuntimeError, match="one shape"):
+        kernel.bias_gelu_backward(grad, derivative[:-1])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bias_gradient_does_not_depend_on_the_thread_count(kernel, threads):
+    gen = torch.Generator().manual_seed(5)
+    grad, derivative = torch.randn(513, 300, generator=gen), torch.rand(513, 300, generator=gen)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = kernel.bias_gelu_backward(grad, derivative)[1]
+        torch.set_num_threads(3)
+        assert torch.equal(kernel.bias_gelu_backward(grad, derivative)[1], got)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_mlp_through_the_kernel_matches_float64_with_gradients(kernel, monkeypatch):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(24, 40)
+    x = torch.randn(2, 9, 24)
+    calls = []
+    real_apply = model._BiasGELU.apply
+    monkeypatch.setattr(model._BiasGELU, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    leaf = x.clone().requires_grad_(True)
+    out = model.linear_gelu(leaf, linear)
+    assert calls == [1]
+    grad = torch.randn(out.shape)
+    got = torch.autograd.grad(out, [leaf, linear.weight, linear.bias], grad)
+
+    ref_linear = torch.nn.Linear(24, 40).double()
+    ref_linear.load_state_dict(linear.state_dict())
+    ref_leaf = x.double().requires_grad_(True)
+    ref_out = _reference(ref_linear(ref_leaf))[0]
+    want = torch.autograd.grad(ref_out, [ref_leaf, ref_linear.weight, ref_linear.bias], grad.double())
+    assert (out.double() - ref_out).abs().max() < 1e-5
+    for g, w in zip(got, want, strict=True):
+        assert (g.double() - w).abs().max() < 1e-4 * max(1.0, w.abs().max().item())
+    with torch.no_grad():  # inference: no derivative kept, the same values
+        assert torch.equal(model.linear_gelu(x, linear), out.detach())
+    assert calls == [1]
