@@ -78,11 +78,17 @@ class _RotatedQKV(torch.autograd.Function):
     """q, k (rotated) and v from the packed projection [B, N, 3, H, D], whose backward writes the
     packed gradient in one pass: the inverse rotations of dq and dk go straight into their thirds of
     it. Composed from split, rotate and unbind, autograd would write it three times (stack, rotate,
-    cat)."""
+    cat). With the native module (CPU float32) both directions are one kernel pass."""
 
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, rotation: torch.Tensor):
+    def forward(ctx, qkv: torch.Tensor, rotation: torch.Tensor, kernel):
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zero tensor made
+        ctx.kernel = kernel
+        if kernel is not None:
+            pairs = torch.view_as_real(rotation)  # [B, N, D/2, (cos, sin)]
+            ctx.save_for_backward(pairs)
+            q, k = kernel.rotary_qk(qkv, pairs).unbind(2)
+            return q, k, qkv[:, :, 2]
         ctx.save_for_backward(rotation)
         return _split_and_rotate(qkv, rotation)
 
@@ -91,7 +97,10 @@ class _RotatedQKV(torch.autograd.Function):
         (rotation,) = ctx.saved_tensors
         like = next((g for g in grads if g is not None), None)
         if like is None:
-            return None, None
+            return None, None, None
+        if ctx.kernel is not None:
+            full = [like.new_zeros(like.shape) if g is None else g.contiguous() for g in grads]
+            return ctx.kernel.rotary_qkv_backward(*full, rotation), None, None
         batch, n, heads, dim = like.shape
         packed = like.new_empty(batch, n, 3, heads, dim)
         inverse = rotation.conj()[:, :, None]  # [B, N, 1, D/2]
@@ -104,7 +113,7 @@ class _RotatedQKV(torch.autograd.Function):
             else:
                 out = torch.view_as_complex(target.unflatten(-1, (-1, 2)))
                 torch.mul(_as_complex_pairs(grad), inverse, out=out)
-        return packed, None
+        return packed, None, None
 
 
 def split_rotated(qkv: torch.Tensor, rotation: torch.Tensor | None):
@@ -113,7 +122,9 @@ def split_rotated(qkv: torch.Tensor, rotation: torch.Tensor | None):
     if rotation is None:
         return qkv.unbind(2)
     if qkv.dtype in _COMPLEX_OF:
-        return _RotatedQKV.apply(qkv, rotation.to(_COMPLEX_OF[qkv.dtype]))
+        rotation = rotation.to(_COMPLEX_OF[qkv.dtype])
+        kernel = _native_kernel_for(qkv) if rotation.is_contiguous() else None
+        return _RotatedQKV.apply(qkv, rotation, kernel)
     return _split_and_rotate(qkv, rotation)  # half precision: rotated in float32, autograd's backward
 
 
@@ -150,7 +161,7 @@ class Dropout(nn.Module):
         if x.device.type != "cpu":
             return F.dropout(x, self.p, training=True)
         scale = self.LEVELS / (self.LEVELS - self.threshold)
-        kernel = _native_dropout_kernel(x)
+        kernel = _native_kernel_for(x)
         if kernel is not None:
             seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
             return _NativeDropout.apply(x, seed, kernel, self.threshold, scale)
@@ -164,9 +175,10 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
-def _native_dropout_kernel(x: torch.Tensor):
-    """The native module when it is at hand for this float32 CPU tensor (it is never built for dropout
-    alone: training builds it when its batches run the compact path, or a cached build is loaded)."""
+def _native_kernel_for(x: torch.Tensor):
+    """The native module when it is at hand for this contiguous float32 CPU tensor (it is never built for
+    these elementwise kernels alone: training builds it when its batches run the compact path, or a
+    cached build is loaded)."""
     if x.dtype != torch.float32 or not x.is_contiguous() or not native.ready():
         return None
     return native.band_kernel()
@@ -187,7 +199,7 @@ def linear_gelu(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
     """``F.gelu(linear(x))``; on CPU float32 with the native module at hand, the bias and the exact GELU
     are one pass that also saves GELU's derivative for the backward (in place of the pre-activation),
     which is then one multiply and the bias gradient's column sums."""
-    kernel = _native_dropout_kernel(x)
+    kernel = _native_kernel_for(x)
     if kernel is None or linear.bias is None or linear.bias.dtype != torch.float32:
         return F.gelu(linear(x))
     h = F.linear(x, linear.weight)

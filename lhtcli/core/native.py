@@ -1,6 +1,7 @@
 """The native CPU kernels in C++, compiled on first use: ML-SWA attention (``band_kernel.cpp``:
-level 0's band and the boundary rows' extra keys), dropout (``dropout_kernel.cpp``) and the MLP's bias +
-GELU (``gelu_kernel.cpp``).
+level 0's band and the boundary rows' extra keys), and the elementwise passes of a training step around it:
+dropout (``dropout_kernel.cpp``), the MLP's bias + GELU (``gelu_kernel.cpp``) and RoPE on the packed q/k/v
+(``rotary_kernel.cpp``).
 
 The CPU flash kernel that the fast path otherwise uses for level 0 computes whole 64 x 512 blocks over
 padded key windows with an additive mask: 768 keys per query where 513 are allowed at w=256. The
@@ -27,7 +28,7 @@ from typing import Any
 
 _SOURCES = [
     Path(__file__).with_name(name)
-    for name in ("band_kernel.cpp", "dropout_kernel.cpp", "gelu_kernel.cpp", "native_module.cpp")
+    for name in ("band_kernel.cpp", "dropout_kernel.cpp", "gelu_kernel.cpp", "rotary_kernel.cpp", "native_module.cpp")
 ]
 _LOCK = threading.Lock()
 _STATE: dict[str, Any] = {}

@@ -19,6 +19,9 @@ torch::Tensor dropout_philox(torch::Tensor x, int64_t seed, int64_t threshold, d
 // gelu_kernel.cpp
 std::vector<torch::Tensor> bias_gelu_forward(torch::Tensor h, torch::Tensor bias, bool with_derivative);
 std::vector<torch::Tensor> bias_gelu_backward(torch::Tensor grad, torch::Tensor derivative);
+// rotary_kernel.cpp
+torch::Tensor rotary_qk(torch::Tensor qkv, torch::Tensor rot);
+torch::Tensor rotary_qkv_backward(torch::Tensor dq, torch::Tensor dk, torch::Tensor dv, torch::Tensor rot);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("band_forward", &band_forward);
@@ -28,4 +31,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dropout_philox", &dropout_philox);
   m.def("bias_gelu_forward", &bias_gelu_forward);
   m.def("bias_gelu_backward", &bias_gelu_backward);
+  m.def("rotary_qk", &rotary_qk);
+  m.def("rotary_qkv_backward", &rotary_qkv_backward);
 }

@@ -1,5 +1,6 @@
-"""The native bias + GELU kernel (lhtcli/core/gelu_kernel.cpp) against float64 references, and the model's
-MLP through it."""
+"""The native elementwise kernels of a training step against float64 references: bias + GELU
+(lhtcli/core/gelu_kernel.cpp) and the model's MLP through it, RoPE on the packed q/k/v
+(lhtcli/core/rotary_kernel.cpp). Dropout's are in test_native_kernel.py."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import lhtcli.model as model
+from lhtcli.model import RotaryEmbedding, apply_rotary, split_rotated
 
 
 def _reference(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,3 +104,33 @@ def test_the_mlp_through_the_kernel_matches_float64_with_gradients(kernel, monke
     with torch.no_grad():  # inference: no derivative kept, the same values
         assert torch.equal(model.linear_gelu(x, linear), out.detach())
     assert calls == [1]
+
+
+@pytest.mark.parametrize("dim", [64, 6])  # whole vectors, and the scalar tail
+def test_native_rotary_matches_float64_with_gradients_and_unused_outputs(kernel, monkeypatch, dim):
+    torch.manual_seed(dim)
+    batch, n, heads = 2, 37, 3
+    qkv = torch.randn(batch, n, 3, heads, dim)
+    rotation = RotaryEmbedding(dim)(torch.randint(0, 4000, (batch, n)))[:, 0]  # [B, N, D/2]
+    kernels = []
+    real_apply = model._RotatedQKV.apply
+    monkeypatch.setattr(model._RotatedQKV, "apply", lambda *a: kernels.append(a[2]) or real_apply(*a))
+
+    def composed(packed, rot):
+        qk, v = packed.split([2, 1], dim=2)
+        q, k = apply_rotary(qk, rot[:, :, None, None]).unbind(2)
+        return q, k, v.squeeze(2)
+
+    grads = [torch.randn(batch, heads, n, dim).transpose(1, 2) for _ in range(3)]  # head-major, as attention
+    for used in ([0, 1, 2], [0, 2], [1]):
+        leaf = qkv.clone().requires_grad_(True)
+        ref_leaf = qkv.double().requires_grad_(True)
+        got, want = split_rotated(leaf, rotation), composed(ref_leaf, rotation.to(torch.complex128))
+        assert kernels[-1] is kernel
+        for g, w in zip(got, want, strict=True):
+            assert (g.double() - w).abs().max() < 1e-5
+        sum((got[i] * grads[i]).sum() for i in used).backward()
+        sum((want[i] * grads[i].double()).sum() for i in used).backward()
+        assert (leaf.grad.double() - ref_leaf.grad).abs().max() < 1e-5
+        unused = [i for i in range(3) if i not in used]
+        assert all(torch.all(leaf.grad[:, :, i] == 0) for i in unused)
