@@ -122,7 +122,8 @@ def time_backend(cfg: ModelConfig, backend: str, batch, args, device: torch.devi
 
 def time_interleaved(cfg: ModelConfig, backends: list[str], batch, args, device: torch.device) -> list[dict]:
     """All backends in one process, taking turns step by step, so that the machine's load swings
-    (10-50% on shared hosts) hit every backend alike; the ratio is then far steadier. No memory column."""
+    (10-50% on shared hosts) hit every backend alike; the ratio is then far steadier. No memory column.
+    Each row also gets its per-round times (``round_s``) for the per-round speedups."""
     built = {b: build(cfg, b, device) for b in backends}
     times: dict[str, list[float]] = {b: [] for b in backends}
     first: dict[str, float] = {}
@@ -133,7 +134,18 @@ def time_interleaved(cfg: ModelConfig, backends: list[str], batch, args, device:
             first.setdefault(b, loss)
             if step >= args.warmup:
                 times[b].append(seconds)
-    return [result(built[b][0], b, batch, times[b], first[b], float("nan"), device) for b in backends]
+    rows = [result(built[b][0], b, batch, times[b], first[b], float("nan"), device) for b in backends]
+    for row in rows:
+        row["round_s"] = times[row["backend"]]
+    return rows
+
+
+def per_round_speedup(row: dict, base: dict) -> str:
+    """Median and range of dense/this over the interleaved rounds (each round: the backends back to back,
+    so a load swing hits both sides of one ratio alike)."""
+    ratios = sorted(b / r for b, r in zip(base["round_s"], row["round_s"], strict=True))
+    q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+    return f"{statistics.median(ratios):.2f}x ({q1:.2f}-{q3:.2f})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,15 +223,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {backend}: {result['s_per_step']:.3f} s/step", file=sys.stderr, flush=True)
 
     base = next((r for r in rows if r["runs"] == "dense"), None)
-    print("\n| backend (runs) | s/step | tokens/s | est. MFU % | peak extra GiB | speedup vs dense |")
-    print("|---|---|---|---|---|---|")
+    rounds = base is not None and "round_s" in base
+    extra = " per-round speedup: median (quartiles) |" if rounds else ""
+    print(f"\n| backend (runs) | s/step | tokens/s | est. MFU % | peak extra GiB | speedup vs dense |{extra}")
+    print("|---|---|---|---|---|---|" + ("---|" if rounds else ""))
     for r in rows:
         mfu = 100 * flops_per_token * r["tokens_per_s"] / (rate * 1e9)
         speed = f"{base['s_per_step'] / r['s_per_step']:.2f}x" if base else "-"
         peak = "-" if math.isnan(r["peak_gib"]) else f"{r['peak_gib']:.2f}"
         print(
             f"| {r['backend']} ({r['runs']}) | {r['s_per_step']:.3f} | {r['tokens_per_s']:,.0f} | "
-            f"{mfu:.1f} | {peak} | {speed} |"
+            f"{mfu:.1f} | {peak} | {speed} |" + (f" {per_round_speedup(r, base)} |" if rounds else "")
         )
     losses = {r["backend"]: r["first_loss"] for r in rows}
     spread = max(losses.values()) - min(losses.values())
