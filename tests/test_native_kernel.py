@@ -313,3 +313,36 @@ def test_native_dropout_mask_is_uniform_and_uncorrelated(kernel):
         assert abs(corr.item()) < 5 / n**0.5
     other = kernel.dropout_philox(ones, 12346, threshold, 1.0) != 0
     assert 0.1 < (keep != other).double().mean().item() < 0.3  # independent masks differ in ~18% of values
+
+
+@pytest.mark.parametrize("features", [256, 20])  # whole bias vectors, and the scalar path
+def test_residual_branch_adds_bias_dropout_and_residual_in_one_pass_with_gradients(kernel, monkeypatch, features):
+    """residual + dropout(linear(x)) through the kernel: the Philox mask, the bias before the mask, the
+    residual after it; gradients: the residual's passes through, the projection's follows the
+    mask and the bias gets its column sums."""
+    import lhtcli.model as model
+
+    torch.manual_seed(0)
+    linear, layer = torch.nn.Linear(16, features), model.Dropout(0.25).train()
+    x, residual = torch.randn(3, 11, 16), torch.randn(3, 11, features)
+    seeds = []
+    real_apply = model._ResidualDropout.apply
+    monkeypatch.setattr(model._ResidualDropout, "apply", lambda *a: seeds.append(a[4]) or real_apply(*a))
+    leaves = [t.clone().requires_grad_(True) for t in (residual, x)]
+    out = model.residual_branch(leaves[0], leaves[1], linear, layer)
+    assert len(seeds) == 1
+    keep = _reference_keep(out.numel(), seeds[0], layer.threshold).view(out.shape)
+    factor = torch.where(keep, torch.tensor(layer.scale), torch.tensor(0.0))
+    projected = (x @ linear.weight.T + linear.bias).detach()
+    torch.testing.assert_close(out.detach(), residual + projected * factor, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out.detach()[~keep], residual[~keep])  # dropped: exactly the residual
+    grad = torch.randn(out.shape)
+    got = torch.autograd.grad(out, [*leaves, linear.weight, linear.bias], grad)
+    grad_projected = grad * factor
+    assert torch.equal(got[0], grad)
+    torch.testing.assert_close(got[1], grad_projected @ linear.weight, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[2], grad_projected.reshape(-1, features).T @ x.reshape(-1, 16), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[3], grad_projected.sum((0, 1)), rtol=1e-5, atol=1e-5)
+    layer.eval()  # without dropout: the plain expression
+    assert torch.equal(model.residual_branch(residual, x, linear, layer), residual + linear(x))
+    assert len(seeds) == 1

@@ -5,7 +5,9 @@
 // 16-bit words of values 8c .. 8c + 7 (low half of word 0 first); u is a word's low 15 bits.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cstdint>
+#include <optional>
 
 namespace {
 
@@ -50,19 +52,35 @@ inline void philox_group(uint64_t g, uint32_t k0, uint32_t k1, u32v w[4]) {
 
 }  // namespace
 
-// x * keep * scale with the keep mask of (seed, threshold); the backward applies the same call to the
-// gradient. Value i = 128 g + 16 (2 word + half) + lane reads half `half` (low first) of word `word` of
-// Philox block 16 g + lane.
-torch::Tensor dropout_philox(torch::Tensor x, int64_t seed, int64_t threshold, double scale) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.is_contiguous(),
-              "dropout kernel: a contiguous CPU float32 tensor");
+// residual + (x + bias) * keep * scale with the keep mask of (seed, threshold); bias [F] (x [..., F]) and
+// residual (x's shape) are optional: the residual branch of a block, with its projection's bias, in one pass.
+// The backward applies the call without them to the gradient. Value i = 128 g + 16 (2 word + half) + lane reads
+// half `half` (low first) of word `word` of Philox block 16 g + lane.
+torch::Tensor dropout_philox(torch::Tensor x, int64_t seed, int64_t threshold, double scale,
+                             std::optional<torch::Tensor> bias, std::optional<torch::Tensor> residual) {
+  auto check = [](const torch::Tensor& t) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous(),
+                "dropout kernel: contiguous CPU float32 tensors");
+  };
+  check(x);
   TORCH_CHECK(threshold >= 0 && threshold < (1 << 15), "dropout kernel: threshold in [0, 2^15)");
+  const int64_t n = x.numel(), F = bias ? bias->numel() : 0;
+  if (bias) {
+    check(*bias);
+    TORCH_CHECK(bias->dim() == 1 && x.dim() >= 1 && x.size(-1) == F, "dropout kernel: bias [F] for x [..., F]");
+  }
+  if (residual) {
+    check(*residual);
+    TORCH_CHECK(residual->sizes() == x.sizes(), "dropout kernel: the residual must have x's shape");
+  }
   auto out = torch::empty_like(x);
   const float* xp = x.data_ptr<float>();
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
+  const float* rp = residual ? residual->data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
-  const int64_t n = x.numel();
   const uint32_t k0 = uint32_t(uint64_t(seed)), k1 = uint32_t(uint64_t(seed) >> 32);
   const float sc = float(scale);
+  const bool whole_bias_vectors = F % LANES == 0;  // then 16 aligned values share one bias run
   at::parallel_for(0, (n + GROUP - 1) / GROUP, 256, [&](int64_t begin, int64_t end) {
     u32v w[4];
     for (int64_t g = begin; g < end; ++g) {
@@ -75,13 +93,24 @@ torch::Tensor dropout_philox(torch::Tensor x, int64_t seed, int64_t threshold, d
         f32v factor;
         const i32v bits = keep & (i32v{} + __builtin_bit_cast(int32_t, sc));
         __builtin_memcpy(&factor, &bits, sizeof(factor));  // scale or +0
-        if (i + LANES <= n) {
-          f32v xv;
+        if (i + LANES <= n && (!bp || whole_bias_vectors)) {
+          f32v xv, add;
           __builtin_memcpy(&xv, xp + i, sizeof(xv));
+          if (bp) {
+            __builtin_memcpy(&add, bp + i % F, sizeof(add));
+            xv += add;
+          }
           xv *= factor;
+          if (rp) {
+            __builtin_memcpy(&add, rp + i, sizeof(add));
+            xv = add + xv;
+          }
           __builtin_memcpy(op + i, &xv, sizeof(xv));
         } else {
-          for (int64_t l = 0; l < n - i; ++l) op[i + l] = xp[i + l] * factor[l];
+          for (int64_t l = 0; l < std::min<int64_t>(LANES, n - i); ++l) {
+            const float v = (bp ? xp[i + l] + bp[(i + l) % F] : xp[i + l]) * factor[l];
+            op[i + l] = rp ? rp[i + l] + v : v;
+          }
         }
       }
     }

@@ -1,5 +1,6 @@
 // The Python bindings of the native CPU kernels (one module, built by lhtcli/core/native.py).
 #include <torch/extension.h>
+#include <optional>
 #include <vector>
 
 // band_kernel.cpp: ML-SWA attention
@@ -15,7 +16,8 @@ void extra_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k, to
                     torch::Tensor lse, torch::Tensor row_batch, torch::Tensor row_pos, torch::Tensor offsets,
                     torch::Tensor keys, double scale, torch::Tensor dq, torch::Tensor dk, torch::Tensor dv);
 // dropout_kernel.cpp
-torch::Tensor dropout_philox(torch::Tensor x, int64_t seed, int64_t threshold, double scale);
+torch::Tensor dropout_philox(torch::Tensor x, int64_t seed, int64_t threshold, double scale,
+                             std::optional<torch::Tensor> bias, std::optional<torch::Tensor> residual);
 // gelu_kernel.cpp
 std::vector<torch::Tensor> bias_gelu_forward(torch::Tensor h, torch::Tensor bias, bool with_derivative);
 std::vector<torch::Tensor> bias_gelu_backward(torch::Tensor grad, torch::Tensor derivative);
@@ -28,7 +30,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("band_backward", &band_backward);
   m.def("extra_forward", &extra_forward);
   m.def("extra_backward", &extra_backward);
-  m.def("dropout_philox", &dropout_philox);
+  m.def("dropout_philox", &dropout_philox, py::arg("x"), py::arg("seed"), py::arg("threshold"), py::arg("scale"),
+        py::arg("bias") = py::none(), py::arg("residual") = py::none());
   m.def("bias_gelu_forward", &bias_gelu_forward);
   m.def("bias_gelu_backward", &bias_gelu_backward);
   m.def("rotary_qk", &rotary_qk);
