@@ -9,6 +9,7 @@ dense mask), as training does for every new batch.
     python benchmarks/train_step.py                        # 6 layers, d_model 256, N=4096 on CPU
     python benchmarks/train_step.py --backends auto,dense --steps 5
     python benchmarks/train_step.py --interleave --steps 7     # steadier ratio on a noisy machine
+    python benchmarks/train_step.py --repeat 5 --steps 5       # fresh processes, alternating, 5 rounds
     python benchmarks/train_step.py --config configs/pretrain_hierarchical.yaml --device cuda
 """
 
@@ -140,9 +141,22 @@ def time_interleaved(cfg: ModelConfig, backends: list[str], batch, args, device:
     return rows
 
 
+def combine_runs(results: list[dict], keep_rounds: bool) -> dict:
+    """One row from ``--repeat`` runs of a backend: the median of their medians, the largest peak, and
+    (several runs) each run's median as a round for the per-round speedups."""
+    row = dict(results[0])
+    row["s_per_step"] = statistics.median(r["s_per_step"] for r in results)
+    row["tokens_per_s"] = row["tokens"] / row["s_per_step"]
+    row["peak_gib"] = max(r["peak_gib"] for r in results)
+    if keep_rounds:
+        row["round_s"] = [r["s_per_step"] for r in results]
+    return row
+
+
 def per_round_speedup(row: dict, base: dict) -> str:
-    """Median and range of dense/this over the interleaved rounds (each round: the backends back to back,
-    so a load swing hits both sides of one ratio alike)."""
+    """Median and quartiles of dense/this over the rounds (each round: the backends back to back, step by
+    step with ``--interleave`` or run by run with ``--repeat``, so a load swing hits both sides of one ratio
+    alike)."""
     ratios = sorted(b / r for b, r in zip(base["round_s"], row["round_s"], strict=True))
     q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
     return f"{statistics.median(ratios):.2f}x ({q1:.2f}-{q3:.2f})"
@@ -162,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--amp", default="bf16", choices=["bf16", "none"], help="CUDA mixed precision")
     parser.add_argument("--in-process", action="store_true", help="CPU: no subprocess per backend")
+    parser.add_argument(
+        "--repeat", type=int, default=1,
+        help="run the backends this many times, alternating (a fresh process each on CPU); adds per-round speedups",
+    )
     parser.add_argument(
         "--interleave", action="store_true", help="one process, backends take turns step by step (no memory column)"
     )
@@ -209,18 +227,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     if args.interleave:
         rows = time_interleaved(cfg, args.backends.split(","), batch, args, device)
-    for backend in [] if args.interleave else args.backends.split(","):
-        if isolate:
-            child = [a for a in (argv if argv is not None else sys.argv[1:])]
-            cmd = [sys.executable, __file__, *child, "--backends", backend, "--child"]
-            if "--seq-len" not in child:
-                cmd += ["--seq-len", str(seq_len)]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-        else:
-            result = time_backend(cfg, backend, batch, args, device)
-        rows.append(result)
-        print(f"  {backend}: {result['s_per_step']:.3f} s/step", file=sys.stderr, flush=True)
+    runs: dict[str, list[dict]] = {}
+    for _ in range(0 if args.interleave else args.repeat):
+        for backend in args.backends.split(","):
+            if isolate:
+                child = [a for a in (argv if argv is not None else sys.argv[1:])]
+                cmd = [sys.executable, __file__, *child, "--backends", backend, "--child"]
+                if "--seq-len" not in child:
+                    cmd += ["--seq-len", str(seq_len)]
+                done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+            else:
+                result = time_backend(cfg, backend, batch, args, device)
+            runs.setdefault(backend, []).append(result)
+            print(f"  {backend}: {result['s_per_step']:.3f} s/step", file=sys.stderr, flush=True)
+    rows += [combine_runs(results, args.repeat > 1) for results in runs.values()]
 
     base = next((r for r in rows if r["runs"] == "dense"), None)
     rounds = base is not None and "round_s" in base
