@@ -191,8 +191,8 @@ def _native_kernel_for(x: torch.Tensor):
     """The native module when it is at hand for this contiguous float32 CPU tensor (it is never built for
     these elementwise kernels alone: training builds it when its batches run the compact path, or a
     cached build is loaded)."""
-    if x.dtype != torch.float32 or not x.is_contiguous() or not native.ready():
-        return None
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() or not native.ready():
+        return None  # (CUDA, half precision, strided views: PyTorch's ops)
     return native.band_kernel()
 
 

@@ -134,3 +134,21 @@ def test_native_rotary_matches_float64_with_gradients_and_unused_outputs(kernel,
         assert (leaf.grad.double() - ref_leaf.grad).abs().max() < 1e-5
         unused = [i for i in range(3) if i not in used]
         assert all(torch.all(leaf.grad[:, :, i] == 0) for i in unused)
+
+
+def test_the_native_paths_are_cpu_float32_only(kernel):
+    """CUDA, half precision and strided tensors take PyTorch's ops (a CUDA tensor handed to the CPU
+    kernels would fail their checks); meta tensors stand in for CUDA here."""
+    assert model._native_kernel_for(torch.zeros(4, 8)) is kernel
+    assert model._native_kernel_for(torch.zeros(4, 8, device="meta")) is None
+    assert model._native_kernel_for(torch.zeros(4, 8, dtype=torch.bfloat16)) is None
+    assert model._native_kernel_for(torch.zeros(8, 4).T) is None
+    linear = torch.nn.Linear(8, 16, device="meta")
+    layer = model.Dropout(0.1).train()
+    x = torch.zeros(2, 3, 8, device="meta")
+    assert model.linear_gelu(x, linear).shape == (2, 3, 16)
+    assert model.residual_branch(torch.zeros(2, 3, 16, device="meta"), torch.zeros(2, 3, 8, device="meta"),
+                                 linear, layer).shape == (2, 3, 16)
+    qkv = torch.zeros(1, 5, 3, 2, 8, device="meta")
+    rotation = torch.zeros(1, 5, 4, dtype=torch.complex64, device="meta")
+    assert [t.shape for t in split_rotated(qkv, rotation)] == [(1, 5, 2, 8)] * 3
