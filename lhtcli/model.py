@@ -78,17 +78,11 @@ class _RotatedQKV(torch.autograd.Function):
     """q, k (rotated) and v from the packed projection [B, N, 3, H, D], whose backward writes the
     packed gradient in one pass: the inverse rotations of dq and dk go straight into their thirds of
     it. Composed from split, rotate and unbind, autograd would write it three times (stack, rotate,
-    cat). With the native module (CPU float32) both directions are one kernel pass."""
+    cat). (With the native module, :func:`attention_inputs` does this and more in one kernel pass.)"""
 
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, rotation: torch.Tensor, kernel):
+    def forward(ctx, qkv: torch.Tensor, rotation: torch.Tensor):
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zero tensor made
-        ctx.kernel = kernel
-        if kernel is not None:
-            pairs = torch.view_as_real(rotation)  # [B, N, D/2, (cos, sin)]
-            ctx.save_for_backward(pairs)
-            q, k = kernel.rotary_qk(qkv, pairs).unbind(2)
-            return q, k, qkv[:, :, 2]
         ctx.save_for_backward(rotation)
         return _split_and_rotate(qkv, rotation)
 
@@ -97,10 +91,7 @@ class _RotatedQKV(torch.autograd.Function):
         (rotation,) = ctx.saved_tensors
         like = next((g for g in grads if g is not None), None)
         if like is None:
-            return None, None, None
-        if ctx.kernel is not None:
-            full = [like.new_zeros(like.shape) if g is None else g.contiguous() for g in grads]
-            return ctx.kernel.rotary_qkv_backward(*full, rotation), None, None
+            return None, None
         batch, n, heads, dim = like.shape
         packed = like.new_empty(batch, n, 3, heads, dim)
         inverse = rotation.conj()[:, :, None]  # [B, N, 1, D/2]
@@ -113,7 +104,7 @@ class _RotatedQKV(torch.autograd.Function):
             else:
                 out = torch.view_as_complex(target.unflatten(-1, (-1, 2)))
                 torch.mul(_as_complex_pairs(grad), inverse, out=out)
-        return packed, None, None
+        return packed, None
 
 
 def split_rotated(qkv: torch.Tensor, rotation: torch.Tensor | None):
@@ -122,10 +113,54 @@ def split_rotated(qkv: torch.Tensor, rotation: torch.Tensor | None):
     if rotation is None:
         return qkv.unbind(2)
     if qkv.dtype in _COMPLEX_OF:
-        rotation = rotation.to(_COMPLEX_OF[qkv.dtype])
-        kernel = _native_kernel_for(qkv) if rotation.is_contiguous() else None
-        return _RotatedQKV.apply(qkv, rotation, kernel)
+        return _RotatedQKV.apply(qkv, rotation.to(_COMPLEX_OF[qkv.dtype]))
     return _split_and_rotate(qkv, rotation)  # half precision: rotated in float32, autograd's backward
+
+
+def attention_inputs(x: torch.Tensor, linear: nn.Linear, n_heads: int, rotation: torch.Tensor | None):
+    """q, k, v [B, H, N, D] from the packed projection ``linear(x)`` [B, N, 3, H, D], q and k rotated by
+    ``rotation`` [B, N, D/2] (complex) when given.
+
+    On CPU float32 with the native module at hand this is one pass after a bias-free matmul (bias, RoPE and
+    the head-major layout the attention kernels read best), and one pass back that also sums the bias
+    gradient; otherwise head-major views of PyTorch's split and rotation."""
+    batch, n, _ = x.shape
+    head_dim = linear.out_features // (3 * n_heads)
+    kernel = _native_kernel_for(x)
+    if (
+        kernel is not None
+        and linear.bias is not None
+        and linear.bias.dtype == torch.float32
+        and head_dim % 2 == 0
+        and (rotation is None or rotation.dtype == torch.complex64 and rotation.is_contiguous())
+    ):
+        qkv = F.linear(x, linear.weight).view(batch, n, 3, n_heads, head_dim)
+        pairs = None if rotation is None else torch.view_as_real(rotation)  # [B, N, D/2, (cos, sin)]
+        return _QKVHeads.apply(qkv, linear.bias, pairs, kernel)
+    qkv = linear(x).view(batch, n, 3, n_heads, head_dim)
+    # Split along the packed axis of the token-major layout: the backward is then one cat straight
+    # into the projection's gradient layout (no zero-filled per-head copies, no reshape copy).
+    return tuple(t.transpose(1, 2) for t in split_rotated(qkv, rotation))
+
+
+class _QKVHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, bias, pairs, kernel):
+        ctx.set_materialize_grads(False)
+        ctx.kernel = kernel
+        ctx.save_for_backward(pairs)
+        heads = kernel.qkv_heads(qkv, bias, pairs)  # [3, B, H, N, D]
+        return heads[0], heads[1], heads[2]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (pairs,) = ctx.saved_tensors
+        like = next((g for g in grads if g is not None), None)
+        if like is None:
+            return None, None, None, None
+        full = [torch.zeros_like(like) if g is None else g if g.stride(-1) == 1 else g.contiguous() for g in grads]
+        packed, grad_bias = ctx.kernel.qkv_heads_backward(*full, pairs)
+        return packed, grad_bias if ctx.needs_input_grad[1] else None, None, None
 
 
 def _split_and_rotate(qkv: torch.Tensor, rotation: torch.Tensor):
@@ -191,8 +226,14 @@ def _native_kernel_for(x: torch.Tensor):
     """The native module when it is at hand for this contiguous float32 CPU tensor (it is never built for
     these elementwise kernels alone: training builds it when its batches run the compact path, or a
     cached build is loaded)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() or not native.ready():
-        return None  # (CUDA, half precision, strided views: PyTorch's ops)
+    if (
+        x.device.type != "cpu"
+        or x.dtype != torch.float32
+        or not x.is_contiguous()
+        or torch.is_autocast_enabled("cpu")
+        or not native.ready()
+    ):
+        return None  # (CUDA, half precision or autocast, strided views: PyTorch's ops)
     return native.band_kernel()
 
 
@@ -290,11 +331,7 @@ class MLSWASelfAttention(nn.Module):
     ) -> torch.Tensor:
         """The attention sublayer's output, added to ``residual`` when given."""
         batch, n, d_model = x.shape
-        qkv = self.qkv(x).view(batch, n, 3, self.n_heads, self.head_dim)
-        # Split along the packed axis of the token-major layout: the backward is then one cat straight
-        # into the projection's gradient layout (no zero-filled per-head copies, no reshape copy).
-        q, k, v = split_rotated(qkv, None if rotary is None else rotary[:, 0])
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, N, D] views
+        q, k, v = attention_inputs(x, self.qkv, self.n_heads, None if rotary is None else rotary[:, 0])
         if captures is not None:
             captures.append(LayerCapture(self.layer, self.max_level, q.detach(), k.detach()))
         out = context.attend(q, k, v, self.max_level)
@@ -338,8 +375,49 @@ class MLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(embedding.num_embeddings))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        h = self.norm(linear_gelu(hidden, self.dense))
-        return F.linear(h, self.embedding.weight, self.bias)
+        return F.linear(self._transform(hidden), self.embedding.weight, self.bias)
+
+    def _transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(linear_gelu(hidden, self.dense))
+
+    def logits_and_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [M, vocab] of hidden [M, d_model] and their mean cross-entropy against ``targets`` [M].
+
+        On CPU float32 with the native module at hand, the decoder's bias, the softmax, the loss and (in
+        the backward) its gradient and the bias gradient are one pass each after a bias-free matmul."""
+        h = self._transform(hidden)
+        kernel = _native_kernel_for(h)
+        if kernel is None or targets.numel() == 0 or self.bias.dtype != torch.float32:
+            logits = F.linear(h, self.embedding.weight, self.bias)
+            return logits, F.cross_entropy(logits.float(), targets)
+        logits = F.linear(h, self.embedding.weight)
+        return _BiasCrossEntropy.apply(logits, self.bias, targets.contiguous(), kernel)
+
+
+class _BiasCrossEntropy(torch.autograd.Function):
+    """(logits + bias, mean cross-entropy); the bias is added in place to the bias-free product."""
+
+    @staticmethod
+    def forward(ctx, logits, bias, targets, kernel):
+        ctx.set_materialize_grads(False)
+        loss, lse = kernel.cross_entropy_forward(logits, bias, targets)
+        ctx.mark_dirty(logits)
+        ctx.kernel = kernel
+        ctx.save_for_backward(logits, lse, targets)
+        return logits, loss
+
+    @staticmethod
+    def backward(ctx, grad_logits, grad_loss):
+        logits, lse, targets = ctx.saved_tensors
+        if grad_loss is None:
+            grad, grad_bias = grad_logits, None if grad_logits is None else grad_logits.sum(0)
+        else:
+            scale = float(grad_loss) / logits.shape[0]
+            grad, grad_bias = ctx.kernel.cross_entropy_backward(logits, lse, targets, scale)
+            if grad_logits is not None:
+                grad = grad + grad_logits
+                grad_bias = grad_bias + grad_logits.sum(0)
+        return grad, grad_bias if ctx.needs_input_grad[1] else None, None, None
 
 
 class LHTEncoder(nn.Module):
@@ -411,8 +489,7 @@ class LHTEncoder(nn.Module):
                 loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
         else:
             selected = labels != -100
-            logits = self.mlm_head(hidden[selected])
-            loss = F.cross_entropy(logits.float(), labels[selected])
+            logits, loss = self.mlm_head.logits_and_loss(hidden[selected], labels[selected])
         return LHTOutput(hidden, logits, loss, captures or [])
 
     def num_parameters(self, trainable_only: bool = True) -> int:

@@ -1,6 +1,7 @@
 """The native elementwise kernels of a training step against float64 references: bias + GELU
-(lhtcli/core/gelu_kernel.cpp) and the model's MLP through it, RoPE on the packed q/k/v
-(lhtcli/core/rotary_kernel.cpp). Dropout's are in test_native_kernel.py."""
+(lhtcli/core/gelu_kernel.cpp) and the model's MLP through it, the attention inputs from the packed q/k/v
+projection (lhtcli/core/qkv_kernel.cpp) and the MLM loss (lhtcli/core/loss_kernel.cpp). Dropout's are in
+test_native_kernel.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import lhtcli.model as model
-from lhtcli.model import RotaryEmbedding, apply_rotary, split_rotated
+from lhtcli.config import ModelConfig
+from lhtcli.model import RotaryEmbedding, apply_rotary, attention_inputs
 
 
 def _reference(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,34 +108,139 @@ def test_the_mlp_through_the_kernel_matches_float64_with_gradients(kernel, monke
     assert calls == [1]
 
 
-@pytest.mark.parametrize("dim", [64, 6])  # whole vectors, and the scalar tail
-def test_native_rotary_matches_float64_with_gradients_and_unused_outputs(kernel, monkeypatch, dim):
+def _recording(monkeypatch, function) -> list:
+    """Calls of ``function.apply`` (an autograd.Function of lhtcli.model) from now on."""
+    calls = []
+    real_apply = function.apply
+    monkeypatch.setattr(function, "apply", lambda *a: calls.append(a) or real_apply(*a))
+    return calls
+
+
+def _qkv_reference(x, linear, heads, rotation):
+    """q, k, v [B, H, N, D] in float64 from PyTorch's ops: the projection, a split, a complex rotation."""
+    batch, n, _ = x.shape
+    qkv = F.linear(x, linear.weight.double(), linear.bias.double()).view(batch, n, 3, heads, -1)
+    q, k, v = qkv.unbind(2)
+    if rotation is not None:
+        rot = rotation.to(torch.complex128)[:, :, None]
+        q, k = (apply_rotary(t, rot) for t in (q, k))
+    return [t.transpose(1, 2) for t in (q, k, v)]
+
+
+@pytest.mark.parametrize(("dim", "rope"), [(64, True), (6, True), (16, False)])  # vectors, scalar tail, no RoPE
+def test_native_attention_inputs_match_float64_with_gradients_and_unused_outputs(kernel, monkeypatch, dim, rope):
     torch.manual_seed(dim)
-    batch, n, heads = 2, 37, 3
-    qkv = torch.randn(batch, n, 3, heads, dim)
-    rotation = RotaryEmbedding(dim)(torch.randint(0, 4000, (batch, n)))[:, 0]  # [B, N, D/2]
-    kernels = []
-    real_apply = model._RotatedQKV.apply
-    monkeypatch.setattr(model._RotatedQKV, "apply", lambda *a: kernels.append(a[2]) or real_apply(*a))
-
-    def composed(packed, rot):
-        qk, v = packed.split([2, 1], dim=2)
-        q, k = apply_rotary(qk, rot[:, :, None, None]).unbind(2)
-        return q, k, v.squeeze(2)
-
-    grads = [torch.randn(batch, heads, n, dim).transpose(1, 2) for _ in range(3)]  # head-major, as attention
+    batch, n, heads, d_model = 2, 37, 3, 20
+    linear = torch.nn.Linear(d_model, 3 * heads * dim)
+    x = torch.randn(batch, n, d_model)
+    rotation = RotaryEmbedding(dim)(torch.randint(0, 4000, (batch, n)))[:, 0] if rope else None  # [B, N, D/2]
+    calls = _recording(monkeypatch, model._QKVHeads)
+    # the attention kernels hand back token-major gradients, SDPA head-major ones: both layouts
+    grads = [torch.randn(batch, n, heads, dim).transpose(1, 2), torch.randn(batch, heads, n, dim),
+             torch.randn(batch, n, heads, dim).transpose(1, 2)]
+    params = [linear.weight, linear.bias]
     for used in ([0, 1, 2], [0, 2], [1]):
-        leaf = qkv.clone().requires_grad_(True)
-        ref_leaf = qkv.double().requires_grad_(True)
-        got, want = split_rotated(leaf, rotation), composed(ref_leaf, rotation.to(torch.complex128))
-        assert kernels[-1] is kernel
+        leaf, ref_leaf = x.clone().requires_grad_(True), x.double().requires_grad_(True)
+        got = attention_inputs(leaf, linear, heads, rotation)
+        want = _qkv_reference(ref_leaf, linear, heads, rotation)
+        assert calls and calls[-1][-1] is kernel
+        assert all(t.shape == (batch, heads, n, dim) and t.is_contiguous() for t in got)  # head-major
         for g, w in zip(got, want, strict=True):
             assert (g.double() - w).abs().max() < 1e-5
-        sum((got[i] * grads[i]).sum() for i in used).backward()
-        sum((want[i] * grads[i].double()).sum() for i in used).backward()
-        assert (leaf.grad.double() - ref_leaf.grad).abs().max() < 1e-5
-        unused = [i for i in range(3) if i not in used]
-        assert all(torch.all(leaf.grad[:, :, i] == 0) for i in unused)
+        got_grads = torch.autograd.grad(sum((got[i] * grads[i]).sum() for i in used), [leaf, *params])
+        want_grads = torch.autograd.grad(sum((want[i] * grads[i].double()).sum() for i in used), [ref_leaf])
+        assert (got_grads[0].double() - want_grads[0]).abs().max() < 1e-4
+        ref_linear = torch.nn.Linear(d_model, 3 * heads * dim).double()
+        ref_linear.load_state_dict(linear.state_dict())
+        ref_out = _qkv_reference(x.double(), ref_linear, heads, rotation)
+        want_params = torch.autograd.grad(sum((ref_out[i] * grads[i].double()).sum() for i in used),
+                                          [ref_linear.weight, ref_linear.bias])
+        for g, w in zip(got_grads[1:], want_params, strict=True):
+            assert (g.double() - w).abs().max() < 1e-4 * max(1.0, w.abs().max().item())
+        unused = [i for i in range(3) if i not in used]  # their thirds of the bias gradient are exact zeros
+        assert all(torch.all(got_grads[2].view(3, -1)[i] == 0) for i in unused)
+
+
+def test_attention_inputs_bias_gradient_does_not_depend_on_the_thread_count(kernel):
+    gen = torch.Generator().manual_seed(3)
+    batch, n, heads, dim = 2, 300, 3, 6  # 54 packed columns: column blocks cut heads in the middle
+    rot = torch.view_as_real(RotaryEmbedding(dim)(torch.randint(0, 999, (batch, n), generator=gen))[:, 0])
+    grads = [torch.randn(batch, heads, n, dim, generator=gen) for _ in range(3)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        packed, bias = kernel.qkv_heads_backward(*grads, rot)
+        torch.set_num_threads(3)
+        again = kernel.qkv_heads_backward(*grads, rot)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(again[0], packed) and torch.equal(again[1], bias)
+    assert torch.allclose(bias.double(), packed.double().sum((0, 1)).flatten(), atol=1e-4)
+
+
+def _tiny_head(vocab: int = 300, d_model: int = 24) -> model.MLMHead:
+    cfg = ModelConfig(vocab_size=vocab, d_model=d_model, n_heads=2, num_layers=1, d_ff=32, max_seq_len=64)
+    head = model.MLMHead(cfg, torch.nn.Embedding(vocab, d_model))
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.5)
+        head.norm.weight.add_(1.0)
+    return head
+
+
+@pytest.mark.parametrize("vocab", [300, 8003])  # whole vectors plus the scalar tail; more than one column block
+def test_the_mlm_loss_through_the_kernel_matches_float64_with_gradients(kernel, monkeypatch, vocab):
+    torch.manual_seed(vocab)
+    head = _tiny_head(vocab)
+    ref = _tiny_head(vocab).double()
+    ref.load_state_dict(head.state_dict())
+    hidden = torch.randn(77, 24)
+    targets = torch.randint(0, vocab, (77,))
+    calls = _recording(monkeypatch, model._BiasCrossEntropy)
+    leaf, ref_leaf = hidden.clone().requires_grad_(True), hidden.double().requires_grad_(True)
+    logits, loss = head.logits_and_loss(leaf, targets)
+    assert len(calls) == 1
+    ref_logits = ref(ref_leaf)
+    ref_loss = F.cross_entropy(ref_logits, targets)
+    assert (logits.double() - ref_logits).abs().max() < 1e-4  # the bias is in the returned logits
+    assert abs(loss.item() - ref_loss.item()) < 1e-5 * ref_loss.item()
+    # the logits may take part in the loss too: their gradient adds to the kernel's
+    params, ref_params = [leaf, *head.parameters()], [ref_leaf, *ref.parameters()]
+    got = torch.autograd.grad(loss + 0.01 * logits.square().mean(), params)
+    want = torch.autograd.grad(ref_loss + 0.01 * ref_logits.square().mean(), ref_params)
+    for g, w in zip(got, want, strict=True):
+        assert (g.double() - w).abs().max() < 1e-5 * max(1.0, w.abs().max().item())
+    only_loss = torch.autograd.grad(head.logits_and_loss(leaf, targets)[1], params)
+    only_ref = torch.autograd.grad(F.cross_entropy(ref(ref_leaf), targets), ref_params)
+    for g, w in zip(only_loss, only_ref, strict=True):
+        assert (g.double() - w).abs().max() < 1e-5 * max(1.0, w.abs().max().item())
+
+
+def test_the_mlm_loss_kernel_checks_targets_and_keeps_pytorchs_empty_case(kernel):
+    head = _tiny_head()
+    hidden = torch.randn(5, 24)
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        head.logits_and_loss(hidden, torch.tensor([0, 1, 2, 3, 300]))
+    logits, loss = head.logits_and_loss(hidden[:0], torch.zeros(0, dtype=torch.long))
+    assert logits.shape == (0, 300) and torch.isnan(loss)  # as F.cross_entropy's mean over nothing
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_mlm_loss_bias_gradient_does_not_depend_on_the_thread_count(kernel, threads):
+    gen = torch.Generator().manual_seed(11)
+    logits, bias = torch.randn(130, 1500, generator=gen), torch.randn(1500, generator=gen)
+    targets = torch.randint(0, 1500, (130,), generator=gen)
+    loss, lse = kernel.cross_entropy_forward(logits, bias, targets)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = kernel.cross_entropy_backward(logits, lse, targets, 0.5)
+        torch.set_num_threads(2)
+        again = kernel.cross_entropy_backward(logits, lse, targets, 0.5)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got[0], again[0]) and torch.equal(got[1], again[1])
+    assert torch.allclose(got[1].double(), got[0].double().sum(0), atol=1e-5)
 
 
 def test_the_native_paths_are_cpu_float32_only(kernel):
@@ -149,6 +256,9 @@ def test_the_native_paths_are_cpu_float32_only(kernel):
     assert model.linear_gelu(x, linear).shape == (2, 3, 16)
     assert model.residual_branch(torch.zeros(2, 3, 16, device="meta"), torch.zeros(2, 3, 8, device="meta"),
                                  linear, layer).shape == (2, 3, 16)
-    qkv = torch.zeros(1, 5, 3, 2, 8, device="meta")
     rotation = torch.zeros(1, 5, 4, dtype=torch.complex64, device="meta")
-    assert [t.shape for t in split_rotated(qkv, rotation)] == [(1, 5, 2, 8)] * 3
+    projection = torch.nn.Linear(16, 48, device="meta")
+    inputs = attention_inputs(torch.zeros(1, 5, 16, device="meta"), projection, 2, rotation)
+    assert [t.shape for t in inputs] == [(1, 2, 5, 8)] * 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's bf16 products would fail the kernels' checks
+        assert model._native_kernel_for(torch.zeros(4, 8)) is None

@@ -8,51 +8,17 @@
 // Phi comes from erfc (Numerical Recipes' Chebyshev fit, relative error < 1.2e-7 everywhere), so the far
 // negative tail keeps its relative precision (~z^2 * 6e-8 from rounding z^2: 1e-5 at z = -12), where
 // PyTorch's float32 erf (absolute error ~1e-7) loses it entirely.
-// The math is written once on 16-wide GCC vector types; the compiler maps them to AVX-512 or pairs of
-// AVX2 registers.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <cstdint>
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
+#include "vector_math.h"
+
 namespace {
 
-constexpr int W = 16;
-typedef float vf __attribute__((vector_size(W * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(W * sizeof(float))));
-
-inline vf splat(float a) { return vf{} + a; }
-
-inline vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-
-// exp(x) for x <= 0 (Cephes: 2^n exp(r), |r| <= ln2/2); 0 below -87.3, where the float result would be
-// subnormal
-inline vf exp_nonpositive(vf x) {
-  const vf too_small = x < -87.3f ? splat(0.f) : splat(1.f);
-  x = x < -87.3f ? splat(-87.3f) : x;
-  const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
-  const vf n = (x * 1.44269504088896341f + magic) - magic;
-  const vf r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 0.5f;
-  const vf e = p * r * r + r + 1.f;
-  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  vf two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return e * two_n * too_small;
-}
+using namespace lht;
 
 // y = z Phi(z) and d = Phi(z) + z phi(z) for z = h + bias
 inline vf gelu_parts(vf z, vf* derivative) {
@@ -125,32 +91,12 @@ std::vector<torch::Tensor> bias_gelu_backward(torch::Tensor grad, torch::Tensor 
   const float* dp = derivative.data_ptr<float>();
   float* hp = gh.data_ptr<float>();
   float* bp = gb.data_ptr<float>();
-  // Column blocks split across threads, each summing its columns over all rows in a fixed order: the bias
-  // gradient does not depend on the thread count. Partial sums of 64 rows in float, their total in double.
-  constexpr int64_t CHUNK = 64;
-  const int64_t threads = at::get_num_threads();
-  const int64_t block = std::clamp<int64_t>((F + threads * W - 1) / (threads * W) * W, W, 512);
-  at::parallel_for(0, (F + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> part(block);
-    std::vector<double> total(block);
-    for (int64_t cb = begin; cb < end; ++cb) {
-      const int64_t c0 = cb * block, k = std::min(block, F - c0);
-      std::fill(total.begin(), total.end(), 0.0);
-      for (int64_t r0 = 0; r0 < rows; r0 += CHUNK) {
-        std::fill(part.begin(), part.end(), 0.f);
-        for (int64_t r = r0; r < std::min(rows, r0 + CHUNK); ++r) {
-          const float* g = gp + r * F + c0;
-          const float* d = dp + r * F + c0;
-          float* out = hp + r * F + c0;
-          for (int64_t j = 0; j < k; ++j) {
-            out[j] = g[j] * d[j];
-            part[j] += out[j];
-          }
-        }
-        for (int64_t j = 0; j < k; ++j) total[j] += part[j];
-      }
-      for (int64_t j = 0; j < k; ++j) bp[c0 + j] = float(total[j]);
-    }
+  rows_with_column_sums(rows, F, bp, [&](int64_t r, int64_t c0, int64_t k) {
+    const float* g = gp + r * F + c0;
+    const float* d = dp + r * F + c0;
+    float* out = hp + r * F + c0;
+    for (int64_t j = 0; j < k; ++j) out[j] = g[j] * d[j];
+    return out;
   });
   return {gh, gb};
 }

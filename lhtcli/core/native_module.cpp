@@ -21,9 +21,14 @@ torch::Tensor dropout_philox(torch::Tensor x, int64_t seed, int64_t threshold, d
 // gelu_kernel.cpp
 std::vector<torch::Tensor> bias_gelu_forward(torch::Tensor h, torch::Tensor bias, bool with_derivative);
 std::vector<torch::Tensor> bias_gelu_backward(torch::Tensor grad, torch::Tensor derivative);
-// rotary_kernel.cpp
-torch::Tensor rotary_qk(torch::Tensor qkv, torch::Tensor rot);
-torch::Tensor rotary_qkv_backward(torch::Tensor dq, torch::Tensor dk, torch::Tensor dv, torch::Tensor rot);
+// qkv_kernel.cpp
+torch::Tensor qkv_heads(torch::Tensor qkv, torch::Tensor bias, std::optional<torch::Tensor> rot);
+std::vector<torch::Tensor> qkv_heads_backward(torch::Tensor dq, torch::Tensor dk, torch::Tensor dv,
+                                              std::optional<torch::Tensor> rot);
+// loss_kernel.cpp
+std::vector<torch::Tensor> cross_entropy_forward(torch::Tensor logits, torch::Tensor bias, torch::Tensor targets);
+std::vector<torch::Tensor> cross_entropy_backward(torch::Tensor logits, torch::Tensor lse, torch::Tensor targets,
+                                                  double scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("band_forward", &band_forward);
@@ -34,6 +39,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bias") = py::none(), py::arg("residual") = py::none());
   m.def("bias_gelu_forward", &bias_gelu_forward);
   m.def("bias_gelu_backward", &bias_gelu_backward);
-  m.def("rotary_qk", &rotary_qk);
-  m.def("rotary_qkv_backward", &rotary_qkv_backward);
+  m.def("qkv_heads", &qkv_heads);
+  m.def("qkv_heads_backward", &qkv_heads_backward);
+  m.def("cross_entropy_forward", &cross_entropy_forward);
+  m.def("cross_entropy_backward", &cross_entropy_backward);
 }
