@@ -24,10 +24,6 @@ void check_inputs(const torch::Tensor& logits, const torch::Tensor& targets) {
   TORCH_CHECK(targets.device().is_cpu() && targets.scalar_type() == torch::kLong && targets.is_contiguous() &&
                   targets.dim() == 1 && targets.size(0) == logits.size(0),
               "loss kernel: targets must be contiguous CPU int64 [M]");
-  const int64_t V = logits.size(1);
-  const int64_t* tp = targets.data_ptr<int64_t>();
-  for (int64_t r = 0; r < targets.size(0); ++r)
-    TORCH_CHECK(tp[r] >= 0 && tp[r] < V, "loss kernel: target ", tp[r], " is out of bounds for ", V, " classes");
 }
 
 }  // namespace
@@ -40,11 +36,13 @@ std::vector<torch::Tensor> cross_entropy_forward(torch::Tensor logits, torch::Te
               "loss kernel: bias must be a contiguous CPU float32 [V] tensor");
   const int64_t M = logits.size(0), V = logits.size(1);
   TORCH_CHECK(M > 0 && V > 0, "loss kernel: needs at least one row and one class");
+  const int64_t* tp = targets.data_ptr<int64_t>();
+  for (int64_t r = 0; r < M; ++r)  // once here: the backward gets the same targets back from autograd
+    TORCH_CHECK(tp[r] >= 0 && tp[r] < V, "loss kernel: target ", tp[r], " is out of bounds for ", V, " classes");
   auto lse = torch::empty({M}, logits.options());
   std::vector<double> row_loss(M);
   float* xp = logits.data_ptr<float>();
   const float* bp = bias.data_ptr<float>();
-  const int64_t* tp = targets.data_ptr<int64_t>();
   float* lp = lse.data_ptr<float>();
   at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
