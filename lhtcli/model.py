@@ -30,8 +30,8 @@ class LayerCapture:
 
 @dataclass
 class LHTOutput:
-    hidden: torch.Tensor  # [B, N, d_model]
-    mlm_logits: torch.Tensor  # [B, N, vocab]
+    hidden: torch.Tensor  # [B, N, d_model] ([M, d_model]: the labelled rows, in training)
+    mlm_logits: torch.Tensor  # [B, N, vocab] ([M, vocab])
     loss: torch.Tensor | None = None
     captures: list[LayerCapture] = field(default_factory=list)
 
@@ -328,14 +328,19 @@ class MLSWASelfAttention(nn.Module):
         rotary: torch.Tensor | None,
         captures: list[LayerCapture] | None,
         residual: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The attention sublayer's output, added to ``residual`` when given."""
+        """The attention sublayer's output, added to ``residual`` when given. With ``rows`` (flat indices
+        into the B * N tokens) only those rows go on through the output projection: [len(rows), d_model],
+        ``residual`` already gathered to them."""
         batch, n, d_model = x.shape
         q, k, v = attention_inputs(x, self.qkv, self.n_heads, None if rotary is None else rotary[:, 0])
         if captures is not None:
             captures.append(LayerCapture(self.layer, self.max_level, q.detach(), k.detach()))
         out = context.attend(q, k, v, self.max_level)
         out = out.transpose(1, 2).reshape(batch, n, d_model)
+        if rows is not None:
+            out = out.reshape(batch * n, d_model).index_select(0, rows)
         return residual_branch(residual, out, self.proj, self.dropout)
 
 
@@ -359,8 +364,12 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.d_model)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, context, rotary, captures):
-        x = self.attn(self.norm1(x), context, rotary, captures, residual=x)
+    def forward(self, x, context, rotary, captures, rows: torch.Tensor | None = None):
+        """x [B, N, d_model] -> the same; with ``rows`` (flat token indices) just those rows,
+        [len(rows), d_model]: every token still serves as a key and value, but only these rows go on
+        through the projection, the residual and the MLP."""
+        residual = x if rows is None else x.reshape(-1, x.shape[-1]).index_select(0, rows)
+        x = self.attn(self.norm1(x), context, rotary, captures, residual=residual, rows=rows)
         return self.mlp(self.norm2(x), residual=x)
 
 
@@ -389,9 +398,14 @@ class MLMHead(nn.Module):
         kernel = _native_kernel_for(h)
         if kernel is None or targets.numel() == 0 or self.bias.dtype != torch.float32:
             logits = F.linear(h, self.embedding.weight, self.bias)
-            return logits, F.cross_entropy(logits.float(), targets)
+            return logits, F.cross_entropy(_at_least_float32(logits), targets)
         logits = F.linear(h, self.embedding.weight)
         return _BiasCrossEntropy.apply(logits, self.bias, targets.contiguous(), kernel)
+
+
+def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits go up to float32 for the loss; float64 ones stay float64."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 class _BiasCrossEntropy(torch.autograd.Function):
@@ -458,8 +472,10 @@ class LHTEncoder(nn.Module):
     ) -> LHTOutput:
         """input_ids [B, N]; positions batched to [B, N]. ``capture`` keeps each layer's q and k.
 
-        With ``return_logits=False`` (training) the MLM head runs only on the labelled positions,
-        about 15% of the tokens, and ``mlm_logits`` holds just those rows ([M, vocab]).
+        With ``return_logits=False`` and labels (training) only the labelled positions, about 15% of the
+        tokens, go through the MLM head and, since nothing else reads the last layer's output, through
+        the last layer's output projection and MLP: ``hidden`` and ``mlm_logits`` hold just those rows
+        ([M, d_model], [M, vocab]), and the loss and every gradient are those of the full computation.
         """
         positions = positions.batched()
         batch, n = input_ids.shape
@@ -477,19 +493,22 @@ class LHTEncoder(nn.Module):
             x = x + self.position_embedding(token_pos)
         x = self.embedding_dropout(x)
         captures: list[LayerCapture] | None = [] if capture else None
-        for block in self.blocks:
+        labelled_only = labels is not None and not return_logits
+        for block in self.blocks[:-1]:
             x = block(x, context, rotary, captures)
-        hidden = self.final_norm(x)
-        real = positions.real_mask[..., None]
-        hidden = hidden * real  # padding carries no signal downstream
-        loss = None
-        if return_logits or labels is None:
+        if not labelled_only:
+            hidden = self.final_norm(self.blocks[-1](x, context, rotary, captures))
+            hidden = hidden * positions.real_mask[..., None]  # padding carries no signal downstream
             logits = self.mlm_head(hidden)
+            loss = None
             if labels is not None:
-                loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
-        else:
-            selected = labels != -100
-            logits, loss = self.mlm_head.logits_and_loss(hidden[selected], labels[selected])
+                loss = F.cross_entropy(_at_least_float32(logits).view(-1, logits.shape[-1]), labels.view(-1),
+                                       ignore_index=-100)
+            return LHTOutput(hidden, logits, loss, captures or [])
+        rows = (labels.reshape(-1) != -100).nonzero().squeeze(1)
+        hidden = self.final_norm(self.blocks[-1](x, context, rotary, captures, rows=rows))
+        hidden = hidden * positions.real_mask.reshape(-1, 1).index_select(0, rows)
+        logits, loss = self.mlm_head.logits_and_loss(hidden, labels.reshape(-1).index_select(0, rows))
         return LHTOutput(hidden, logits, loss, captures or [])
 
     def num_parameters(self, trainable_only: bool = True) -> int:
@@ -498,9 +517,12 @@ class LHTEncoder(nn.Module):
     def flops_per_token(self, seq_len: int, head_fraction: float = 1.0) -> float:
         """Training FLOPs per token (forward + backward = 3x forward): matmuls plus attention over the
         average number of allowed keys (bounded by the token window for long sequences).
-        ``head_fraction``: share of the tokens the MLM head runs on (training: the labelled ~15%)."""
+        ``head_fraction``: share of the tokens the MLM head runs on (training: the labelled ~15%), and so
+        the last layer's output projection and MLP (nothing else reads the last layer's other rows)."""
         cfg = self.cfg
-        dense = 2 * (4 * cfg.d_model**2 + 2 * cfg.d_model * cfg.d_ff) * cfg.num_layers
+        per_layer = 2 * (4 * cfg.d_model**2 + 2 * cfg.d_model * cfg.d_ff)
+        last_layer_tail = 2 * (cfg.d_model**2 + 2 * cfg.d_model * cfg.d_ff) * (1.0 - head_fraction)
+        dense = per_layer * cfg.num_layers - last_layer_tail
         head = 2 * cfg.d_model * (cfg.d_model + (cfg.vocab_size or 0)) * head_fraction
         keys = min(seq_len, 2 * cfg.mlswa.window_size_per_level[0] + 1)
         attention = 2 * 2 * keys * cfg.d_model * cfg.num_layers

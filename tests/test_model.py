@@ -107,6 +107,55 @@ def test_masked_only_head_gives_the_same_loss():
     assert masked.mlm_logits.shape == (int((labels != -100).sum()), 64)
 
 
+
+def _loss_and_grads(model, ids, batch, labels, return_logits):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, batch, labels=labels, return_logits=return_logits)
+    out.loss.backward()
+    return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("backend", ["compact", "dense"])
+def test_training_forward_on_labelled_rows_has_the_full_loss_and_gradients(dtype, backend, request):
+    """return_logits=False runs the last layer's projection and MLP on the labelled rows only: the loss
+    and every parameter's gradient must equal the full computation's (float32 through the native passes)."""
+    if dtype == torch.float32:
+        request.getfixturevalue("kernel")
+    torch.manual_seed(0)
+    model = LHTEncoder(tiny_config(mlswa=dict(num_levels=3, window_size_per_level=[3, 1, 1],
+                                              layer_max_level=[0, 1, 2], backend=backend))).to(dtype).train()
+    ids, batch, _ = padded_batch()
+    labels = torch.full_like(ids, -100)
+    labels[0, [1, 4, 8]] = ids[0, [1, 4, 8]]
+    labels[1, [0, 9]] = ids[1, [0, 9]]
+    full, full_grads = _loss_and_grads(model, ids, batch, labels, True)
+    pruned, pruned_grads = _loss_and_grads(model, ids, batch, labels, False)
+    tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(pruned.loss, full.loss, **tol)
+    assert pruned.hidden.shape == (5, 32) and pruned.mlm_logits.shape == (5, 64)
+    torch.testing.assert_close(pruned.hidden, full.hidden[labels != -100], **tol)
+    assert pruned_grads.keys() == full_grads.keys()
+    assert full_grads["blocks.2.mlp.fc.weight"].abs().sum() > 0
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(pruned_grads[name], grad, **tol, msg=name)
+
+
+def test_training_forward_with_no_labelled_rows_gives_a_nan_loss_and_no_error():
+    model = LHTEncoder(tiny_config()).train()
+    ids, batch, _ = padded_batch()
+    out = model(ids, batch, labels=torch.full_like(ids, -100), return_logits=False)
+    assert out.hidden.shape == (0, 32) and torch.isnan(out.loss)
+
+
+def test_flops_per_token_counts_the_last_layer_on_the_head_rows_only():
+    model = LHTEncoder(tiny_config())
+    cfg = model.cfg
+    last_layer_tail = 2 * (cfg.d_model**2 + 2 * cfg.d_model * cfg.d_ff)  # projection + MLP, forward
+    assert model.flops_per_token(64) - model.flops_per_token(64, head_fraction=0.25) == pytest.approx(
+        3 * 0.75 * (last_layer_tail + 2 * cfg.d_model * (cfg.d_model + cfg.vocab_size))
+    )
+
 def _pairwise_rotation(x, angles):
     """RoPE as written in the paper: pair (x[2i], x[2i+1]) turned by angle i, in real arithmetic."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
