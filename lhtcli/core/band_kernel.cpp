@@ -258,15 +258,17 @@ std::vector<torch::Tensor> band_backward(torch::Tensor grad_out, torch::Tensor q
   check_lse(lse, q);
   lengths = lengths.contiguous();
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
-  auto dq = torch::empty({B, N, H, D}, q.options());  // real rows are written whole below
+  // Head-major gradients: each block's products write rows D floats apart, and one thread's head is one
+  // contiguous range (token-major rows H * D apart scaled worse across threads)
+  auto dq = torch::empty({B, H, N, D}, q.options());  // real rows are written whole below
   for (int64_t b = 0; b < B; ++b) {
     const int64_t n = lengths[b].item<int64_t>();
-    if (n < N) dq.select(0, b).narrow(0, n, N - n).zero_();
+    if (n < N) dq.select(0, b).narrow(1, n, N - n).zero_();
   }
   // dk and dv accumulate over blocks; each task zeroes its head's rows just before the first block
   // reaching them (while they are in cache) instead of a separate pass over both tensors
-  auto dk = torch::empty({B, N, H, D}, q.options());
-  auto dv = torch::empty({B, N, H, D}, q.options());
+  auto dk = torch::empty({B, H, N, D}, q.options());
+  auto dv = torch::empty({B, H, N, D}, q.options());
   auto len = lengths.accessor<int64_t, 1>();
   const int64_t nqb = (N + QB - 1) / QB;
   const float* qp = q.data_ptr<float>(); const float* kp = k.data_ptr<float>(); const float* vp = v.data_ptr<float>();
@@ -278,18 +280,19 @@ std::vector<torch::Tensor> band_backward(torch::Tensor grad_out, torch::Tensor q
   const int64_t gsb = grad_out.stride(0), gsh = grad_out.stride(1), gsn = grad_out.stride(2);
   const int64_t osb = out.stride(0), osh = out.stride(1), osn = out.stride(2);
   const int64_t lsb = lse.stride(0), lsh = lse.stride(1), lsn = lse.stride(2);
-  const int64_t rs = H * D;  // row stride of the token-major gradients
+  const int64_t rs = D;  // row stride of the head-major gradients
   const int64_t width = QB + 2 * window;
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> p(QB * width), dp(QB * width), delta(QB);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / H, h = task % H, n = len[b];
       int64_t zeroed = 0;  // dk, dv rows [0, zeroed) of this head are initialised
+      const int64_t head = (b * H + h) * N * D;  // offset of this head's gradient rows
       auto zero_rows = [&](int64_t end_row) {
-        for (; zeroed < end_row; ++zeroed) {
-          std::fill_n(dkp + (b * N + zeroed) * rs + h * D, D, 0.f);
-          std::fill_n(dvp + (b * N + zeroed) * rs + h * D, D, 0.f);
-        }
+        if (end_row <= zeroed) return;
+        std::fill(dkp + head + zeroed * D, dkp + head + end_row * D, 0.f);
+        std::fill(dvp + head + zeroed * D, dvp + head + end_row * D, 0.f);
+        zeroed = end_row;
       };
       for (int64_t blk = 0; blk < nqb; ++blk) {
         const int64_t q0 = blk * QB;
@@ -315,7 +318,7 @@ std::vector<torch::Tensor> band_backward(torch::Tensor grad_out, torch::Tensor q
         }
         zero_rows(k_lo + nk);
         // dV += P^T dO ; dP = dO V^T
-        gemm(true, false, nk, int(D), rows, 1.f, p.data(), nk, gb, int(gsn), 1.f, dvp + (b * N + k_lo) * rs + h * D, int(rs));
+        gemm(true, false, nk, int(D), rows, 1.f, p.data(), nk, gb, int(gsn), 1.f, dvp + head + k_lo * rs, int(rs));
         gemm(false, true, rows, nk, int(D), 1.f, gb, int(gsn), vb, int(vsn), 0.f, dp.data(), nk);
         for (int r = 0; r < rows; ++r) {
           float* pr = p.data() + r * nk;
@@ -329,13 +332,13 @@ std::vector<torch::Tensor> band_backward(torch::Tensor grad_out, torch::Tensor q
           for (; j < nk; ++j) pr[j] = pr[j] * (dr[j] - delta[r]) * float(scale);
         }
         // dQ = dS K ; dK += dS^T Q
-        gemm(false, false, rows, int(D), nk, 1.f, p.data(), nk, kb, int(ksn), 0.f, dqp + (b * N + q0) * rs + h * D, int(rs));
-        gemm(true, false, nk, int(D), rows, 1.f, p.data(), nk, qb, int(qsn), 1.f, dkp + (b * N + k_lo) * rs + h * D, int(rs));
+        gemm(false, false, rows, int(D), nk, 1.f, p.data(), nk, kb, int(ksn), 0.f, dqp + head + q0 * rs, int(rs));
+        gemm(true, false, nk, int(D), rows, 1.f, p.data(), nk, qb, int(qsn), 1.f, dkp + head + k_lo * rs, int(rs));
       }
       zero_rows(N);  // padding rows
     }
   });
-  return {dq, dk, dv};
+  return {dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)};  // [B, N, H, D] views
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -277,6 +277,7 @@ def _native_forward(kernel, q, k, v, plan: MLSWAPlan, scale: float):
 def _native_backward(kernel, grad_out, q, k, v, out, lse, plan: MLSWAPlan, scale: float):
     window = min(plan.levels[0].window, plan.seq_len)
     grad_out, q, k, v, out = (_last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
+    # the kernel returns [B, N, H, D] views of head-major gradients: back to [B, H, N, D], contiguous
     grads = [g.transpose(1, 2) for g in kernel.band_backward(grad_out, q, k, v, out, lse, plan.levels[0].counts,
                                                                window, scale)]
     if plan.boundary is not None:
