@@ -248,10 +248,17 @@ class _NativeDropout(torch.autograd.Function):
         return ctx.kernel.dropout_philox(grad.contiguous(), ctx.seed, ctx.threshold, ctx.scale), None, None, None, None
 
 
-def residual_branch(residual: torch.Tensor | None, x: torch.Tensor, linear: nn.Linear, dropout: Dropout):
-    """``residual + dropout(linear(x))`` (just ``dropout(linear(x))`` without a residual). Training on CPU
-    float32 with the native module at hand, the projection's bias, the dropout and the residual add are
-    one pass after a bias-free matmul, instead of a bias copy, a dropout pass and an add."""
+def residual_branch(
+    residual: torch.Tensor | None,
+    x: torch.Tensor,
+    linear: nn.Linear,
+    dropout: Dropout,
+    norm: nn.LayerNorm | None = None,
+):
+    """``residual + dropout(linear(x))`` (just ``dropout(linear(x))`` without a residual), and with ``norm``
+    the pair (that sum, ``norm`` of it). Training on CPU float32 with the native module at hand, the
+    projection's bias, the dropout and the residual add are one pass after a bias-free matmul (instead of a
+    bias copy, a dropout pass and an add), and so is the LayerNorm after them when it is a plain affine one."""
     kernel = _native_kernel_for(x)
     if (
         residual is None
@@ -263,10 +270,57 @@ def residual_branch(residual: torch.Tensor | None, x: torch.Tensor, linear: nn.L
         or not residual.is_contiguous()
     ):
         out = dropout(linear(x))
-        return out if residual is None else residual + out
+        out = out if residual is None else residual + out
+        return out if norm is None else (out, norm(out))
     y = F.linear(x, linear.weight)
-    return _ResidualDropout.apply(residual, y, linear.bias, kernel, dropout.draw_seed(), dropout.threshold,
-                                  dropout.scale)
+    seed = dropout.draw_seed()
+    if norm is not None and _plain_float32_norm(norm, y.shape[-1]):
+        return _ResidualNorm.apply(residual, y, linear.bias, norm.weight, norm.bias, kernel, seed, dropout.threshold,
+                                   dropout.scale, norm.eps)
+    out = _ResidualDropout.apply(residual, y, linear.bias, kernel, seed, dropout.threshold, dropout.scale)
+    return out if norm is None else (out, norm(out))
+
+
+def _plain_float32_norm(norm: nn.LayerNorm, features: int) -> bool:
+    return (
+        tuple(norm.normalized_shape) == (features,)
+        and norm.weight is not None
+        and norm.bias is not None
+        and norm.weight.dtype == torch.float32
+        and norm.bias.dtype == torch.float32
+    )
+
+
+class _ResidualNorm(torch.autograd.Function):
+    """(x, LayerNorm(x)) for x = residual + dropout(y + bias), one native pass each way."""
+
+    @staticmethod
+    def forward(ctx, residual, y, bias, weight, norm_bias, kernel, seed: int, threshold: int, scale: float, eps: float):
+        ctx.set_materialize_grads(False)
+        x, normed, stats = kernel.residual_norm_forward(y, bias, residual, seed, threshold, scale, weight.contiguous(),
+                                                        norm_bias.contiguous(), eps)
+        ctx.kernel, ctx.seed, ctx.threshold, ctx.scale = kernel, seed, threshold, scale
+        ctx.save_for_backward(x, stats, weight)
+        return x, normed
+
+    @staticmethod
+    def backward(ctx, grad_x, grad_normed):
+        x, stats, weight = ctx.saved_tensors
+        if grad_normed is None:
+            grad_normed = torch.zeros_like(x)
+        total, grad_y, grad_bias, grad_weight, grad_norm_bias = ctx.kernel.residual_norm_backward(
+            None if grad_x is None else grad_x.contiguous(), grad_normed.contiguous(), x, stats, weight.contiguous(),
+            ctx.seed, ctx.threshold, ctx.scale,
+        )
+        needs = ctx.needs_input_grad
+        return (
+            total if needs[0] else None,
+            grad_y if needs[1] else None,
+            grad_bias if needs[2] else None,
+            grad_weight if needs[3] else None,
+            grad_norm_bias if needs[4] else None,
+            None, None, None, None, None,
+        )
 
 
 class _ResidualDropout(torch.autograd.Function):
@@ -329,10 +383,11 @@ class MLSWASelfAttention(nn.Module):
         captures: list[LayerCapture] | None,
         residual: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The attention sublayer's output, added to ``residual`` when given. With ``rows`` (flat indices
-        into the B * N tokens) only those rows go on through the output projection: [len(rows), d_model],
-        ``residual`` already gathered to them."""
+        norm: nn.LayerNorm | None = None,
+    ):
+        """The attention sublayer's output, added to ``residual`` when given; with ``norm``, the pair (that,
+        ``norm`` of it). With ``rows`` (flat indices into the B * N tokens) only those rows go on through the
+        output projection: [len(rows), d_model], ``residual`` already gathered to them."""
         batch, n, d_model = x.shape
         q, k, v = attention_inputs(x, self.qkv, self.n_heads, None if rotary is None else rotary[:, 0])
         if captures is not None:
@@ -341,7 +396,7 @@ class MLSWASelfAttention(nn.Module):
         out = out.transpose(1, 2).reshape(batch, n, d_model)
         if rows is not None:
             out = out.reshape(batch * n, d_model).index_select(0, rows)
-        return residual_branch(residual, out, self.proj, self.dropout)
+        return residual_branch(residual, out, self.proj, self.dropout, norm)
 
 
 class MLP(nn.Module):
@@ -351,9 +406,9 @@ class MLP(nn.Module):
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model)
         self.dropout = Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """The MLP's output, added to ``residual`` when given."""
-        return residual_branch(residual, linear_gelu(x, self.fc), self.proj, self.dropout)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: nn.LayerNorm | None = None):
+        """The MLP's output, added to ``residual`` when given; with ``norm``, the pair (that, ``norm`` of it)."""
+        return residual_branch(residual, linear_gelu(x, self.fc), self.proj, self.dropout, norm)
 
 
 class Block(nn.Module):
@@ -364,13 +419,14 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.d_model)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, context, rotary, captures, rows: torch.Tensor | None = None):
-        """x [B, N, d_model] -> the same; with ``rows`` (flat token indices) just those rows,
-        [len(rows), d_model]: every token still serves as a key and value, but only these rows go on
-        through the projection, the residual and the MLP."""
+    def forward(self, x, normed, context, rotary, captures, next_norm: nn.LayerNorm, rows: torch.Tensor | None = None):
+        """x [B, N, d_model] and ``normed`` = norm1(x) -> (the block's output, ``next_norm`` of it): each
+        LayerNorm is computed with the residual add before it (one native pass on CPU). With ``rows`` (flat
+        token indices) the outputs are just those rows, [len(rows), d_model]: every token still serves as
+        a key and value, but only these rows go on through the projection, the residual and the MLP."""
         residual = x if rows is None else x.reshape(-1, x.shape[-1]).index_select(0, rows)
-        x = self.attn(self.norm1(x), context, rotary, captures, residual=residual, rows=rows)
-        return self.mlp(self.norm2(x), residual=x)
+        x, normed = self.attn(normed, context, rotary, captures, residual=residual, rows=rows, norm=self.norm2)
+        return self.mlp(normed, residual=x, norm=next_norm)
 
 
 class MLMHead(nn.Module):
@@ -494,10 +550,11 @@ class LHTEncoder(nn.Module):
         x = self.embedding_dropout(x)
         captures: list[LayerCapture] | None = [] if capture else None
         labelled_only = labels is not None and not return_logits
-        for block in self.blocks[:-1]:
-            x = block(x, context, rotary, captures)
+        normed = self.blocks[0].norm1(x)
+        for block, next_block in zip(self.blocks[:-1], self.blocks[1:], strict=True):
+            x, normed = block(x, normed, context, rotary, captures, next_block.norm1)
         if not labelled_only:
-            hidden = self.final_norm(self.blocks[-1](x, context, rotary, captures))
+            _, hidden = self.blocks[-1](x, normed, context, rotary, captures, self.final_norm)
             hidden = hidden * positions.real_mask[..., None]  # padding carries no signal downstream
             logits = self.mlm_head(hidden)
             loss = None
@@ -506,7 +563,7 @@ class LHTEncoder(nn.Module):
                                        ignore_index=-100)
             return LHTOutput(hidden, logits, loss, captures or [])
         rows = (labels.reshape(-1) != -100).nonzero().squeeze(1)
-        hidden = self.final_norm(self.blocks[-1](x, context, rotary, captures, rows=rows))
+        _, hidden = self.blocks[-1](x, normed, context, rotary, captures, self.final_norm, rows=rows)
         hidden = hidden * positions.real_mask.reshape(-1, 1).index_select(0, rows)
         logits, loss = self.mlm_head.logits_and_loss(hidden, labels.reshape(-1).index_select(0, rows))
         return LHTOutput(hidden, logits, loss, captures or [])

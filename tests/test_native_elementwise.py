@@ -1,7 +1,7 @@
 """The native elementwise kernels of a training step against float64 references: bias + GELU
 (lhtcli/core/gelu_kernel.cpp) and the model's MLP through it, the attention inputs from the packed q/k/v
-projection (lhtcli/core/qkv_kernel.cpp) and the MLM loss (lhtcli/core/loss_kernel.cpp). Dropout's are in
-test_native_kernel.py."""
+projection (lhtcli/core/qkv_kernel.cpp), the MLM loss (lhtcli/core/loss_kernel.cpp) and a block's residual
+branch with the LayerNorm after it (lhtcli/core/norm_kernel.cpp). Dropout's are in test_native_kernel.py."""
 
 from __future__ import annotations
 
@@ -262,3 +262,92 @@ def test_the_native_paths_are_cpu_float32_only(kernel):
     assert [t.shape for t in inputs] == [(1, 2, 5, 8)] * 3
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's bf16 products would fail the kernels' checks
         assert model._native_kernel_for(torch.zeros(4, 8)) is None
+
+
+def _residual_norm_reference(kernel, residual, y, bias, weight, norm_bias, seed, threshold, scale, eps):
+    """x = residual + dropout(y + bias) and LayerNorm(x) in float64, with the kernel's own dropout factors
+    (the dropout pass applied to ones: the same Philox mask by construction)."""
+    factors = kernel.dropout_philox(torch.ones_like(y), seed, threshold, scale).double()
+    leaves = [t.double().requires_grad_() for t in (residual, y, bias, weight, norm_bias)]
+    r, yy, b, w, nb = leaves
+    x = r + (yy + b) * factors
+    return x, F.layer_norm(x, (x.shape[-1],), w, nb, eps), leaves
+
+
+@pytest.mark.parametrize("features", [256, 20])  # whole mask vectors, and the scalar path
+@pytest.mark.parametrize("with_grad_x", [True, False])
+def test_residual_norm_matches_float64_forward_and_backward(kernel, features, with_grad_x):
+    gen = torch.Generator().manual_seed(features)
+    shape = (2, 37, features)
+    residual, y, grad_x, grad_normed = (torch.randn(shape, generator=gen) for _ in range(4))
+    residual = residual * 3 + 5  # an offset mean, where a one-pass variance would cancel
+    bias, weight, norm_bias = (torch.randn(features, generator=gen) for _ in range(3))
+    seed, threshold, scale, eps = 987654321, 3277, 32768 / (32768 - 3277), 1e-5
+    x, normed, stats = kernel.residual_norm_forward(y, bias, residual, seed, threshold, scale, weight, norm_bias, eps)
+    want_x, want_normed, leaves = _residual_norm_reference(kernel, residual, y, bias, weight, norm_bias, seed,
+                                                           threshold, scale, eps)
+    assert stats.shape == (2 * 37, 2)
+    torch.testing.assert_close(x.double(), want_x.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(normed.double(), want_normed.detach(), atol=1e-5, rtol=1e-5)
+    assert 0.05 < float((x == residual).float().mean()) < 0.15  # ~10% dropped: x equals the residual there
+    upstream = (want_x * grad_x.double()).sum() if with_grad_x else 0.0
+    (upstream + (want_normed * grad_normed.double()).sum()).backward()
+    got = kernel.residual_norm_backward(grad_x if with_grad_x else None, grad_normed, x, stats, weight, seed,
+                                        threshold, scale)
+    for name, value, leaf in zip(("residual", "y", "bias", "weight", "norm bias"), got, leaves, strict=True):
+        want = leaf.grad
+        assert value.shape == want.shape, name
+        assert (value.double() - want).abs().max() <= 2e-5 * want.abs().max(), name
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_residual_norm_parameter_gradients_do_not_depend_on_the_thread_count(kernel, threads):
+    gen = torch.Generator().manual_seed(7)
+    residual, y, grad_x, grad_normed = (torch.randn(300, 96, generator=gen) for _ in range(4))
+    bias, weight, norm_bias = (torch.randn(96, generator=gen) for _ in range(3))
+    x, _, stats = kernel.residual_norm_forward(y, bias, residual, 5, 3277, 1.1, weight, norm_bias, 1e-5)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = kernel.residual_norm_backward(grad_x, grad_normed, x, stats, weight, 5, 3277, 1.1)
+        torch.set_num_threads(3)
+        again = kernel.residual_norm_backward(grad_x, grad_normed, x, stats, weight, 5, 3277, 1.1)
+        for a, b in zip(got, again, strict=True):
+            assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_encoder_with_fused_norms_matches_the_unfused_path_in_training(kernel, monkeypatch):
+    """The same dropout masks (same seeds) through the fused residual + LayerNorm pass and through the
+    dropout pass followed by PyTorch's LayerNorm: the loss and every gradient agree."""
+    from lhtcli.core.positions import positions_from_lengths
+    from lhtcli.model import LHTEncoder
+
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_heads=2, num_layers=2, d_ff=64, dropout=0.1, max_seq_len=40,
+                      mlswa=dict(num_levels=2, window_size_per_level=[4, 2], layer_max_level=[0, 1]))
+    torch.manual_seed(0)
+    encoder = LHTEncoder(cfg).train()
+    positions = positions_from_lengths([[5, 7], [9, 3, 6]])
+    ids = torch.randint(5, 50, (1, positions.seq_len))
+    labels = torch.where(torch.rand(ids.shape) < 0.3, ids, -100)
+    fused_calls = []
+    real_apply = model._ResidualNorm.apply
+    monkeypatch.setattr(model._ResidualNorm, "apply", lambda *a: fused_calls.append(1) or real_apply(*a))
+
+    def run(return_logits):
+        encoder.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same seeds for every dropout call
+        loss = encoder(ids, positions, labels=labels, return_logits=return_logits).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}
+
+    fused = {flag: run(flag) for flag in (True, False)}
+    assert len(fused_calls) == 2 * 2 * cfg.num_layers  # two norms per block, both forwards
+    monkeypatch.setattr(model, "_plain_float32_norm", lambda norm, features: False)
+    for flag in (True, False):
+        loss, grads = run(flag)
+        torch.testing.assert_close(fused[flag][0], loss, atol=1e-5, rtol=1e-5)
+        assert fused[flag][1].keys() == grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(fused[flag][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -1,8 +1,10 @@
 """The native CPU kernels in C++, compiled on first use: ML-SWA attention (``band_kernel.cpp``:
 level 0's band and the boundary rows' extra keys), and the elementwise passes of a training step around it:
-dropout (``dropout_kernel.cpp``), the MLP's bias + GELU (``gelu_kernel.cpp``), the attention inputs from the
+dropout (``dropout_kernel.cpp``), a block's residual branch with the LayerNorm after it
+(``norm_kernel.cpp``), the MLP's bias + GELU (``gelu_kernel.cpp``), the attention inputs from the
 packed q/k/v projection: bias, RoPE and the head-major layout (``qkv_kernel.cpp``), and the MLM loss with the
-decoder's bias (``loss_kernel.cpp``); ``vector_math.h`` holds what the elementwise ones share.
+decoder's bias (``loss_kernel.cpp``); ``vector_math.h`` and ``philox.h`` (dropout's masks) hold what the
+elementwise ones share.
 
 The CPU flash kernel that the fast path otherwise uses for level 0 computes whole 64 x 512 blocks over
 padded key windows with an additive mask: 768 keys per query where 513 are allowed at w=256. The
@@ -30,11 +32,11 @@ from typing import Any
 _SOURCES = [
     Path(__file__).with_name(name)
     for name in (
-        "band_kernel.cpp", "dropout_kernel.cpp", "gelu_kernel.cpp", "qkv_kernel.cpp", "loss_kernel.cpp",
-        "native_module.cpp",
+        "band_kernel.cpp", "dropout_kernel.cpp", "norm_kernel.cpp", "gelu_kernel.cpp", "qkv_kernel.cpp",
+        "loss_kernel.cpp", "native_module.cpp",
     )
 ]
-_HEADERS = [Path(__file__).with_name("vector_math.h")]
+_HEADERS = [Path(__file__).with_name(name) for name in ("vector_math.h", "philox.h")]
 _LOCK = threading.Lock()
 _STATE: dict[str, Any] = {}
 

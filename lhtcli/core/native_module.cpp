@@ -18,6 +18,13 @@ void extra_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k, to
 // dropout_kernel.cpp
 torch::Tensor dropout_philox(torch::Tensor x, int64_t seed, int64_t threshold, double scale,
                              std::optional<torch::Tensor> bias, std::optional<torch::Tensor> residual);
+// norm_kernel.cpp
+std::vector<torch::Tensor> residual_norm_forward(torch::Tensor y, torch::Tensor bias, torch::Tensor residual,
+                                                 int64_t seed, int64_t threshold, double scale, torch::Tensor gamma,
+                                                 torch::Tensor beta, double eps);
+std::vector<torch::Tensor> residual_norm_backward(std::optional<torch::Tensor> grad_x, torch::Tensor grad_normed,
+                                                  torch::Tensor x, torch::Tensor stats, torch::Tensor gamma,
+                                                  int64_t seed, int64_t threshold, double scale);
 // gelu_kernel.cpp
 std::vector<torch::Tensor> bias_gelu_forward(torch::Tensor h, torch::Tensor bias, bool with_derivative);
 std::vector<torch::Tensor> bias_gelu_backward(torch::Tensor grad, torch::Tensor derivative);
@@ -37,6 +44,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("extra_backward", &extra_backward);
   m.def("dropout_philox", &dropout_philox, py::arg("x"), py::arg("seed"), py::arg("threshold"), py::arg("scale"),
         py::arg("bias") = py::none(), py::arg("residual") = py::none());
+  m.def("residual_norm_forward", &residual_norm_forward);
+  m.def("residual_norm_backward", &residual_norm_backward);
   m.def("bias_gelu_forward", &bias_gelu_forward);
   m.def("bias_gelu_backward", &bias_gelu_backward);
   m.def("qkv_heads", &qkv_heads);
