@@ -45,30 +45,31 @@ inline vf exp_nonpositive(vf x) {
   return e * two_n * too_small;
 }
 
-// For a [rows x F] output written row by row, whose column sums are a bias gradient: calls fill(r, c0, k),
-// which writes columns [c0, c0 + k) of row r and returns where they are, and puts the column sums in
-// sums[F]. Column blocks are split across threads, each summing its columns over all rows in a fixed
-// order (64-row partials in float, their total in double), so the sums do not depend on the thread count.
+// For a [rows x F] output written row by row, whose column sums are a bias gradient: calls fill(r, 0, F),
+// which writes row r and returns where it is, and puts the column sums in sums[F]. Rows go in fixed chunks
+// of 64, each thread taking whole chunks (contiguous memory) and leaving each chunk's float column partials;
+// their totals, in double and in chunk order, do not depend on the thread count. (fill's column range
+// arguments let a caller be written for column blocks too.)
 template <class Fill>
 void rows_with_column_sums(int64_t rows, int64_t F, float* sums, Fill fill) {
   constexpr int64_t CHUNK = 64;
-  const int64_t threads = at::get_num_threads();
-  const int64_t block = std::clamp<int64_t>((F + threads * W - 1) / (threads * W) * W, W, 512);
-  at::parallel_for(0, (F + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> part(block);
-    std::vector<double> total(block);
-    for (int64_t cb = begin; cb < end; ++cb) {
-      const int64_t c0 = cb * block, k = std::min(block, F - c0);
-      std::fill(total.begin(), total.end(), 0.0);
-      for (int64_t r0 = 0; r0 < rows; r0 += CHUNK) {
-        std::fill(part.begin(), part.end(), 0.f);
-        for (int64_t r = r0; r < std::min(rows, r0 + CHUNK); ++r) {
-          const float* row = fill(r, c0, k);
-          for (int64_t j = 0; j < k; ++j) part[j] += row[j];
-        }
-        for (int64_t j = 0; j < k; ++j) total[j] += part[j];
+  const int64_t chunks = (rows + CHUNK - 1) / CHUNK;
+  std::vector<float> partials(chunks * F);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      float* part = partials.data() + chunk * F;
+      std::fill(part, part + F, 0.f);
+      for (int64_t r = chunk * CHUNK; r < std::min(rows, (chunk + 1) * CHUNK); ++r) {
+        const float* row = fill(r, int64_t(0), F);
+        for (int64_t j = 0; j < F; ++j) part[j] += row[j];
       }
-      for (int64_t j = 0; j < k; ++j) sums[c0 + j] = float(total[j]);
+    }
+  });
+  at::parallel_for(0, F, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      double total = 0.0;
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) total += partials[chunk * F + j];
+      sums[j] = float(total);
     }
   });
 }
