@@ -133,17 +133,30 @@ inline float row_max(const float* s, int n) {
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
   int64_t j = 0;
+  float total = 0.f;
+#ifdef __AVX512F__
+  if (n >= 16) {
+    __m512 wide = _mm512_setzero_ps();
+    for (; j + 16 <= n; j += 16) wide = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), wide);
+    total = _mm512_reduce_add_ps(wide);
+  }
+#endif
+  __m256 acc = _mm256_setzero_ps();
   for (; j + 8 <= n; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
-  float total = hsum(acc);
+  total += hsum(acc);
   for (; j < n; ++j) total += a[j] * b[j];
   return total;
 }
 // y[0, n) += a * x[0, n)
 inline void axpy(float a, const float* x, float* y, int64_t n) {
-  const __m256 va = _mm256_set1_ps(a);
   int64_t j = 0;
+#ifdef __AVX512F__
+  const __m512 wa = _mm512_set1_ps(a);
+  for (; j + 16 <= n; j += 16)
+    _mm512_storeu_ps(y + j, _mm512_fmadd_ps(wa, _mm512_loadu_ps(x + j), _mm512_loadu_ps(y + j)));
+#endif
+  const __m256 va = _mm256_set1_ps(a);
   for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j)));
   for (; j < n; ++j) y[j] += a * x[j];
 }
@@ -410,8 +423,7 @@ void extra_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Ten
         m = std::max(m, s[j]);
       }
       const float w0 = std::exp(*l - m);  // the level-0 partial's share (0 when it had no key)
-      float total = w0;
-      for (int64_t j = 0; j < nk; ++j) total += (s[j] = std::exp(s[j] - m));
+      const float total = w0 + exp_shift(s.data(), int(nk), m);
       float* o = orow.at(b, h, i);
       const float inv = 1.f / total;
       for (int64_t c = 0; c < D; ++c) o[c] *= w0 * inv;
@@ -436,24 +448,34 @@ void extra_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k, to
   const int64_t lsb = lse.stride(0), lsh = lse.stride(1), lsn = lse.stride(2);
   const float sc = float(scale);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p, dp;  // one row's probabilities and dO . v over its extra keys
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / H, h = task % H;
       for (int64_t r = 0; r < ek.rows; ++r) {
         if (ek.row_batch[r] != b) continue;
         const int64_t i = ek.row_pos[r];
+        const int64_t* key = ek.keys + ek.offsets[r];
+        const int64_t nk = ek.offsets[r + 1] - ek.offsets[r];
+        if (nk == 0) continue;
         const float* g = gr.at(b, h, i);
         const float* qi = qr.at(b, h, i);
         float* dqi = dqr.at(b, h, i);
         const float l = lp[b * lsb + h * lsh + i * lsn];
         const float delta = dot(g, orow.at(b, h, i), D);
-        for (int64_t e = ek.offsets[r]; e < ek.offsets[r + 1]; ++e) {
-          const int64_t j = ek.keys[e];
+        p.resize(nk);
+        dp.resize(nk);
+        for (int64_t e = 0; e < nk; ++e) {
+          p[e] = sc * dot(qi, kr.at(b, h, key[e]), D);
+          dp[e] = dot(g, vr.at(b, h, key[e]), D);
+        }
+        exp_shift(p.data(), int(nk), l);  // the merged softmax's probabilities, all exps at once
+        for (int64_t e = 0; e < nk; ++e) {
+          const int64_t j = key[e];
           const float* kj = kr.at(b, h, j);
-          const float p = std::exp(sc * dot(qi, kj, D) - l);
-          const float ds = sc * p * (dot(g, vr.at(b, h, j), D) - delta);
+          const float ds = sc * p[e] * (dp[e] - delta);
           axpy(ds, kj, dqi, D);
           axpy(ds, qi, dkr.at(b, h, j), D);
-          axpy(p, g, dvr.at(b, h, j), D);
+          axpy(p[e], g, dvr.at(b, h, j), D);
         }
       }
     }
