@@ -336,8 +336,14 @@ std::vector<torch::Tensor> band_backward(torch::Tensor grad_out, torch::Tensor q
         for (int r = 0; r < rows; ++r) {
           float* pr = p.data() + r * nk;
           float* dr = dp.data() + r * nk;
-          const __m256 dl = _mm256_set1_ps(delta[r]), sc = _mm256_set1_ps(float(scale));
           int j = 0;
+#ifdef __AVX512F__
+          const __m512 wdl = _mm512_set1_ps(delta[r]), wsc = _mm512_set1_ps(float(scale));
+          for (; j + 16 <= nk; j += 16)
+            _mm512_storeu_ps(pr + j, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(pr + j),
+                                                                 _mm512_sub_ps(_mm512_loadu_ps(dr + j), wdl)), wsc));
+#endif
+          const __m256 dl = _mm256_set1_ps(delta[r]), sc = _mm256_set1_ps(float(scale));
           for (; j + 8 <= nk; j += 8) {
             __m256 ds = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(pr + j), _mm256_sub_ps(_mm256_loadu_ps(dr + j), dl)), sc);
             _mm256_storeu_ps(pr + j, ds);
