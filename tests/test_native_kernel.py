@@ -144,6 +144,38 @@ def test_kernel_cache_follows_the_environment(monkeypatch, tmp_path):
     assert native.cache_dir() == tmp_path / "xdg" / "lht" / "kernels"
 
 
+
+def test_pruning_keeps_the_newest_builds_the_current_one_and_any_being_built(monkeypatch, tmp_path):
+    import os
+
+    monkeypatch.setenv("LHT_KERNEL_CACHE", str(tmp_path))
+    for age, name in enumerate(["lht_band_new", "lht_band_b", "lht_band_c", "lht_band_d", "lht_band_e",
+                                "lht_band_building", "lht_band_current"]):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"{name}.so").write_bytes(b"x")
+        if name == "lht_band_building":
+            (tmp_path / name / "lock").write_text("")  # another process is building it
+        os.utime(tmp_path / name, (1e9 - age * 100, 1e9 - age * 100))
+    (tmp_path / "unrelated").mkdir()
+    removed = native.prune_builds("lht_band_current", keep=3)
+    assert sorted(p.name for p in removed) == ["lht_band_c", "lht_band_d", "lht_band_e"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "lht_band_b", "lht_band_building", "lht_band_current", "lht_band_new", "unrelated",
+    ]
+    assert native.prune_builds("lht_band_current", keep=3) == []  # nothing more to remove
+    monkeypatch.setenv("LHT_KERNEL_CACHE", str(tmp_path / "missing"))
+    assert native.prune_builds("lht_band_current") == []
+
+
+def test_loading_a_cached_build_marks_it_used(kernel, fresh_native):
+    import os
+
+    build = native.cache_dir() / native._build_name()
+    os.utime(build, (1e9, 1e9))
+    native.reset()
+    assert native.band_kernel() is not None
+    assert build.stat().st_mtime > 1e9 + 1e6  # refreshed, so pruning keeps it
+
 def _recording_status(shown: list[str]):
     @contextlib.contextmanager
     def status(message: str):

@@ -105,6 +105,40 @@ def ready() -> bool:
     return _STATE["built"]
 
 
+KEEP_BUILDS = 4  # newest builds kept in the cache (other torch versions or lhtcli checkouts may share it)
+
+
+def _mark_used(name: str) -> None:
+    """Refresh a build's modification time when it is loaded, so that pruning keeps the builds in use."""
+    try:
+        os.utime(cache_dir() / name)
+    except OSError:
+        pass  # (a read-only cache: nothing is pruned there either)
+
+
+def prune_builds(current: str, keep: int = KEEP_BUILDS) -> list[Path]:
+    """Remove all but the ``keep`` most recently used kernel builds (the current one always stays, and so
+    does any being built: it has a ``lock``). Each source change builds a new ~3 MB module; without this
+    they would pile up. Returns what was removed; errors leave a build in place."""
+    import shutil
+
+    try:
+        builds = [d for d in cache_dir().glob("lht_band_*") if d.is_dir() and d.name != current]
+        builds.sort(key=lambda d: d.stat().st_mtime, reverse=True)
+    except OSError:
+        return []
+    removed = []
+    for old in builds[max(keep - 1, 0) :]:
+        if (old / "lock").exists():
+            continue
+        try:
+            shutil.rmtree(old)
+        except OSError:
+            continue
+        removed.append(old)
+    return removed
+
+
 def _import_built(name: str):
     """Load an already built module directly: its name carries the hash of everything it was built
     from, so no rebuild check (and no ninja run) is needed."""
@@ -134,6 +168,7 @@ def band_kernel():
                 name = _build_name()
                 if _built_library(name).exists() and not (cache_dir() / name / "lock").exists():
                     module = _import_built(name)  # (a "lock" means another process is building it now)
+                    _mark_used(name)
                 else:
                     from torch.utils.cpp_extension import load
 
@@ -147,6 +182,7 @@ def band_kernel():
                         build_directory=str(build),
                         verbose=False,
                     )
+                    prune_builds(name)
             except Exception as exc:  # no compiler, no ninja, a read-only cache...: the flash path works
                 reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
                 warnings.warn(
