@@ -60,8 +60,7 @@ std::vector<torch::Tensor> cross_entropy_forward(torch::Tensor logits, torch::Te
       vf acc = splat(0.f);
       j = 0;
       for (; j + W <= V; j += W) acc += exp_nonpositive(load(x + j) - m);
-      float total = 0.f;
-      for (int l = 0; l < W; ++l) total += acc[l];
+      float total = sum_lanes(acc);
       for (; j < V; ++j) total += std::exp(x[j] - m);
       lp[r] = m + std::log(total);
       row_loss[r] = double(lp[r]) - double(x[tp[r]]);

@@ -30,12 +30,6 @@ void check_vector(const torch::Tensor& t, int64_t F, const char* what) {
   TORCH_CHECK(t.dim() == 1 && t.numel() == F, "norm kernel: ", what, " must be [F] for rows [..., F]");
 }
 
-inline float sum_lanes(vf v) {
-  float total = 0.f;
-  for (int l = 0; l < W; ++l) total += v[l];
-  return total;
-}
-
 }  // namespace
 
 // y, residual [..., F]; bias, gamma, beta [F] -> (x, normed, stats [rows, 2] = (mean, rstd) per row)

@@ -24,6 +24,13 @@ inline vf load(const float* p) {
 
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 
+// the sum of a vector's lanes, in lane order
+inline float sum_lanes(vf v) {
+  float total = 0.f;
+  for (int l = 0; l < W; ++l) total += v[l];
+  return total;
+}
+
 // exp(x) for x <= 0 (Cephes: 2^n exp(r), |r| <= ln2/2, ~1 ulp); 0 below -87.3, where the float result would
 // be subnormal
 inline vf exp_nonpositive(vf x) {
