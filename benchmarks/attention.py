@@ -27,9 +27,11 @@ dense against compact fast, N = 1024..8192.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import platform
 import random
 import statistics
 import subprocess
@@ -98,6 +100,19 @@ def realistic_positions(n: int, batch: int = 1, seed: int = 0) -> HierarchicalPo
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def device_label(device: torch.device) -> str:
+    """e.g. "cpu (AMD EPYC, 2 threads)": the machines these scripts run on change, and their numbers with them."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{device} ({name}, {torch.get_num_threads()} threads)"
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32, reps: int = 7) -> float:
@@ -341,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     crossover = dense_crossover(WINDOWS[0], device.type == "cpu" and native.ready())
     kernel = "native" if device.type == "cpu" and native.ready() else "flash"
     print(
-        f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, {args.dtype}; "
+        f"device {device_label(device)}, torch {torch.__version__}, {args.dtype}; "
         f"B=1 H={HEADS} D={DIM} windows {WINDOWS}; fp32 torch.mm 2048^2: {rate:.0f} GFLOP/s; "
         f"medians of {args.reps} interleaved runs; level-0 kernel: {kernel}; auto = dense up to N={crossover}"
     )

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from attention import _proc_status_kib, realistic_positions  # noqa: E402
+from attention import _proc_status_kib, device_label, realistic_positions  # noqa: E402
 
 from lhtcli.core.attention import build_mlswa_plan  # noqa: E402
 from lhtcli.core.probing import mlswa_attention_probs, mlswa_row_stats  # noqa: E402
@@ -82,8 +82,8 @@ def main() -> None:
     total = plan_s + sum(per_layer)
     peak_mib = (_proc_status_kib("VmHWM") - base_kib) / 1024
 
-    print(f"# exact row statistics (entropy, key counts, level mass), float64, CPU {torch.get_num_threads()} "
-          f"threads, torch {torch.__version__}")
+    print(f"# exact row statistics (entropy, key counts, level mass), float64, {device_label(torch.device('cpu'))}, "
+          f"torch {torch.__version__}")
     print(f"# {args.layers} layers x {heads} heads x N={n} rows, head dim {d}, windows {windows}, "
           f"{int(plan.batch_size)} sequence(s)\n")
     print("| what | value |")

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from attention import _proc_status_kib, matmul_rate, realistic_document, sync  # noqa: E402
+from attention import _proc_status_kib, device_label, matmul_rate, realistic_document, sync  # noqa: E402
 
 from lhtcli.config import ModelConfig, load_config  # noqa: E402
 from lhtcli.core.attention import choose_backend  # noqa: E402
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     params, flops_per_token = probe.num_parameters(), probe.flops_per_token(seq_len, head_fraction=0.15)
     del probe
     print(
-        f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}; model "
+        f"device {device_label(device)}, torch {torch.__version__}; model "
         f"{describe_size(params)} params: {cfg.num_layers} layers, d_model {cfg.d_model}, "
         f"{cfg.n_heads} heads, "
         f"d_ff {cfg.d_ff}, vocab {cfg.vocab_size}, windows {cfg.mlswa.window_size_per_level}; batch "
