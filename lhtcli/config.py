@@ -207,7 +207,19 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 # LHT_ variables that steer the process, not the experiment: never read as config keys.
-PROCESS_VARIABLES = ("LHT_DEBUG", "LHT_NATIVE_KERNEL", "LHT_KERNEL_CACHE")
+PROCESS_VARIABLES = ("LHT_DEBUG", "LHT_NATIVE_KERNEL", "LHT_KERNEL_CACHE", "LHT_CPU_MATMUL")
+CPU_MATMUL_CHOICES = ("auto", "mkl", "onednn")
+
+
+def cpu_matmul_setting() -> str:
+    """``LHT_CPU_MATMUL`` (the fp32 GEMM library of CPU projections): auto (unset), mkl or onednn."""
+    value = os.environ.get("LHT_CPU_MATMUL", "").strip().lower() or "auto"
+    if value not in CPU_MATMUL_CHOICES:
+        raise ConfigError(
+            f"environment variable LHT_CPU_MATMUL is {value!r}; set it to one of "
+            f"{', '.join(CPU_MATMUL_CHOICES)} or unset it"
+        )
+    return value
 
 
 def _env_data(sources: dict[str, str] | None = None) -> dict[str, Any]:
@@ -284,6 +296,7 @@ def load_config(
     base: dict[str, Any] | None = None,
 ) -> LHTConfig:
     """Resolve a configuration from defaults < ``base`` < YAML file < environment < ``--set`` overrides."""
+    cpu_matmul_setting()  # a bad process variable fails here, before any work starts
     data: dict[str, Any] = dict(base or {})
     origin = "built-in defaults"
     if path is not None:

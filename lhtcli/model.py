@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lhtcli.config import ModelConfig
-from lhtcli.core import native
+from lhtcli.core import cpu_matmul, native
 from lhtcli.core.attention import MLSWAContext
 from lhtcli.core.positions import HierarchicalPositions
 
@@ -134,7 +134,7 @@ def attention_inputs(x: torch.Tensor, linear: nn.Linear, n_heads: int, rotation:
         and head_dim % 2 == 0
         and (rotation is None or rotation.dtype == torch.complex64 and rotation.is_contiguous())
     ):
-        qkv = F.linear(x, linear.weight).view(batch, n, 3, n_heads, head_dim)
+        qkv = cpu_matmul.linear(x, linear.weight).view(batch, n, 3, n_heads, head_dim)
         pairs = None if rotation is None else torch.view_as_real(rotation)  # [B, N, D/2, (cos, sin)]
         return _QKVHeads.apply(qkv, linear.bias, pairs, kernel)
     qkv = linear(x).view(batch, n, 3, n_heads, head_dim)
@@ -272,7 +272,7 @@ def residual_branch(
         out = dropout(linear(x))
         out = out if residual is None else residual + out
         return out if norm is None else (out, norm(out))
-    y = F.linear(x, linear.weight)
+    y = cpu_matmul.linear(x, linear.weight)
     seed = dropout.draw_seed()
     if norm is not None and _plain_float32_norm(norm, y.shape[-1]):
         return _ResidualNorm.apply(residual, y, linear.bias, norm.weight, norm.bias, kernel, seed, dropout.threshold,
@@ -343,7 +343,7 @@ def linear_gelu(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
     kernel = _native_kernel_for(x)
     if kernel is None or linear.bias is None or linear.bias.dtype != torch.float32:
         return F.gelu(linear(x))
-    h = F.linear(x, linear.weight)
+    h = cpu_matmul.linear(x, linear.weight)
     if torch.is_grad_enabled() and (h.requires_grad or linear.bias.requires_grad):
         return _BiasGELU.apply(h, linear.bias, kernel)
     return kernel.bias_gelu_forward(h, linear.bias, False)[0]
@@ -455,7 +455,7 @@ class MLMHead(nn.Module):
         if kernel is None or targets.numel() == 0 or self.bias.dtype != torch.float32:
             logits = F.linear(h, self.embedding.weight, self.bias)
             return logits, F.cross_entropy(_at_least_float32(logits), targets)
-        logits = F.linear(h, self.embedding.weight)
+        logits = cpu_matmul.linear(h, self.embedding.weight)
         return _BiasCrossEntropy.apply(logits, self.bias, targets.contiguous(), kernel)
 
 
