@@ -3,8 +3,9 @@
 The same model (same initial weights, same batch) is built once per attention backend and timed
 side by side: seconds per step, tokens per second, peak memory and an estimated MFU
 (``model.flops_per_token`` x tokens/s over the matmul rate measured in the same run, the better of
-before and after the steps: fp32 torch.mm on CPU, bf16 on CUDA with mixed precision). Each step builds
-its own attention context (plan or dense mask), as training does for every new batch.
+before and after the steps: fp32 on CPU, the faster of torch.mm and oneDNN; bf16 on CUDA with mixed
+precision). Each step builds its own attention context (plan or dense mask), as training does for every
+new batch.
 
     python benchmarks/train_step.py                        # 6 layers, d_model 256, N=4096 on CPU
     python benchmarks/train_step.py --backends auto,dense --steps 5
