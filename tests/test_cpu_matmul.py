@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lhtcli.config import ModelConfig, load_config
+from lhtcli.config import load_config
 from lhtcli.core import cpu_matmul
 from lhtcli.errors import ConfigError
+from tests.model_helpers import loss_and_gradients, small_training_setup
 
 needs_onednn = pytest.mark.skipif(not cpu_matmul._onednn_available(), reason="torch built without oneDNN")
 
@@ -104,34 +105,20 @@ def test_cli_reports_a_bad_setting_in_one_line(monkeypatch, lht_cmd, tmp_path):
 def test_a_training_step_agrees_between_the_libraries(kernel, monkeypatch):
     """The whole model with its native passes, in training: the same loss and gradients to float32
     precision whichever library runs the projections."""
-    from lhtcli.core.positions import positions_from_lengths
-    from lhtcli.model import LHTEncoder
-
-    cfg = ModelConfig(vocab_size=60, d_model=32, n_heads=2, num_layers=2, d_ff=64, dropout=0.1, max_seq_len=40,
-                      mlswa=dict(num_levels=2, window_size_per_level=[4, 2], layer_max_level=[0, 1]))
-    torch.manual_seed(0)
-    encoder = LHTEncoder(cfg).train()
-    positions = positions_from_lengths([[5, 7], [9, 3, 6]])
-    ids = torch.randint(5, 60, (1, positions.seq_len))
-    labels = torch.where(torch.rand(ids.shape) < 0.3, ids, -100)
-
+    encoder, ids, positions, labels = small_training_setup()
     calls = []
     real_apply = cpu_matmul._OneDNNLinear.apply
     monkeypatch.setattr(cpu_matmul._OneDNNLinear, "apply", lambda *a: calls.append(1) or real_apply(*a))
 
     def run(library):
         monkeypatch.setenv("LHT_CPU_MATMUL", library)
-        encoder.zero_grad(set_to_none=True)
-        torch.manual_seed(1)  # the same dropout masks
-        loss = encoder(ids, positions, labels=labels, return_logits=False).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}
+        return loss_and_gradients(encoder, ids, positions, labels)
 
     loss_mkl, grads_mkl = run("mkl")
     assert calls == []
     loss_dnn, grads_dnn = run("onednn")
     # every block's q/k/v, output projection and two MLP products, the head's transform and decoder
-    assert len(calls) == 4 * cfg.num_layers + 2
+    assert len(calls) == 4 * encoder.cfg.num_layers + 2
     torch.testing.assert_close(loss_dnn, loss_mkl, atol=1e-5, rtol=1e-5)
     assert grads_dnn.keys() == grads_mkl.keys()
     for name, grad in grads_mkl.items():

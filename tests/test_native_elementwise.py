@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import lhtcli.model as model
 from lhtcli.config import ModelConfig
 from lhtcli.model import RotaryEmbedding, apply_rotary, attention_inputs
+from tests.model_helpers import loss_and_gradients, small_training_setup
 
 
 def _reference(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,29 +322,16 @@ def test_residual_norm_parameter_gradients_do_not_depend_on_the_thread_count(ker
 def test_the_encoder_with_fused_norms_matches_the_unfused_path_in_training(kernel, monkeypatch):
     """The same dropout masks (same seeds) through the fused residual + LayerNorm pass and through the
     dropout pass followed by PyTorch's LayerNorm: the loss and every gradient agree."""
-    from lhtcli.core.positions import positions_from_lengths
-    from lhtcli.model import LHTEncoder
-
-    cfg = ModelConfig(vocab_size=50, d_model=32, n_heads=2, num_layers=2, d_ff=64, dropout=0.1, max_seq_len=40,
-                      mlswa=dict(num_levels=2, window_size_per_level=[4, 2], layer_max_level=[0, 1]))
-    torch.manual_seed(0)
-    encoder = LHTEncoder(cfg).train()
-    positions = positions_from_lengths([[5, 7], [9, 3, 6]])
-    ids = torch.randint(5, 50, (1, positions.seq_len))
-    labels = torch.where(torch.rand(ids.shape) < 0.3, ids, -100)
+    encoder, ids, positions, labels = small_training_setup()
     fused_calls = []
     real_apply = model._ResidualNorm.apply
     monkeypatch.setattr(model._ResidualNorm, "apply", lambda *a: fused_calls.append(1) or real_apply(*a))
 
     def run(return_logits):
-        encoder.zero_grad(set_to_none=True)
-        torch.manual_seed(1)  # the same seeds for every dropout call
-        loss = encoder(ids, positions, labels=labels, return_logits=return_logits).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}
+        return loss_and_gradients(encoder, ids, positions, labels, return_logits)
 
     fused = {flag: run(flag) for flag in (True, False)}
-    assert len(fused_calls) == 2 * 2 * cfg.num_layers  # two norms per block, both forwards
+    assert len(fused_calls) == 2 * 2 * encoder.cfg.num_layers  # two norms per block, both forwards
     monkeypatch.setattr(model, "_plain_float32_norm", lambda norm, features: False)
     for flag in (True, False):
         loss, grads = run(flag)
