@@ -11,7 +11,7 @@
 // Built on first use by lhtcli/core/native.py (torch.utils.cpp_extension, -O3 -march=native) into one
 // module with the other kernels (bindings in native_module.cpp); matrix products go to the BLAS inside
 // torch (sgemm_), the exponentials are AVX2/FMA (AVX-512 where the CPU has it).
-#include <torch/extension.h>
+#include <torch/types.h>  // not torch/extension.h (with pybind11): that triples the compile time
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cmath>

@@ -1,7 +1,7 @@
 // Inverted dropout on CPU (float32) in one pass: out = x * (keep ? scale : 0), with the keep mask of
 // philox.h (a 15-bit uniform per value from Philox4x32-10, keep = u >= threshold), drawn in parallel and
 // redrawn by the backward instead of being stored.
-#include <torch/extension.h>
+#include <torch/types.h>  // not torch/extension.h (with pybind11): that triples the compile time
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cstdint>

@@ -8,7 +8,7 @@
 // Phi comes from erfc (Numerical Recipes' Chebyshev fit, relative error < 1.2e-7 everywhere), so the far
 // negative tail keeps its relative precision (~z^2 * 6e-8 from rounding z^2: 1e-5 at z = -12), where
 // PyTorch's float32 erf (absolute error ~1e-7) loses it entirely.
-#include <torch/extension.h>
+#include <torch/types.h>  // not torch/extension.h (with pybind11): that triples the compile time
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cstring>

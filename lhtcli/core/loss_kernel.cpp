@@ -5,7 +5,7 @@
 // Forward: logits [M, V], the product without the bias, get the bias added in place (they come back as the
 // logits) and each row's log-sum-exp; the loss is the mean over rows of lse - logit[target], summed in
 // double in row order. Backward: scale * (softmax - onehot(target)) and its column sums (the bias gradient).
-#include <torch/extension.h>
+#include <torch/types.h>  // not torch/extension.h (with pybind11): that triples the compile time
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <limits>

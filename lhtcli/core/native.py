@@ -13,7 +13,7 @@ accumulates the key gradients in place: about 30% less time for level 0's forwar
 
 It is built with ``torch.utils.cpp_extension`` (g++ and ninja, ``-O3 -march=native``: it runs on the
 machine that built it) into ``$LHT_KERNEL_CACHE`` (default ``$XDG_CACHE_HOME/lht/kernels`` or
-``~/.cache/lht/kernels``), once per source, torch version and CPU; that takes 30-45 s on 2 cores. Anything
+``~/.cache/lht/kernels``), once per source, torch version and CPU; that takes ~50 s on 2 cores. Anything
 missing (no compiler, no AVX2/FMA, not x86-64 Linux) or ``LHT_NATIVE_KERNEL=0`` leaves the flash
 kernel in place, with one warning when a build was attempted and failed.
 """

@@ -1,5 +1,6 @@
 // The Python bindings of the native CPU kernels (one module, built by lhtcli/core/native.py).
-#include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>  // the bindings and tensor casters without the whole C++ API: half the compile time
+#include <torch/types.h>
 #include <optional>
 #include <vector>
 

@@ -7,7 +7,7 @@
 // residual as is and to y through the redrawn mask, and the bias, gamma and beta gradients are column sums
 // in a fixed order, all in one pass over the rows. This replaces four passes forward and backward (dropout, LayerNorm, the add that
 // accumulates the two gradients of x, the bias gradient's reduction) and PyTorch's LayerNorm kernels.
-#include <torch/extension.h>
+#include <torch/types.h>  // not torch/extension.h (with pybind11): that triples the compile time
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <optional>

@@ -7,7 +7,7 @@
 // the packed gradient [B, N, 3, H, D], dq and dk rotated back (c, -s), and its column sums, the bias
 // gradient. The rotations (cos, sin) [B, N, D/2, 2] are read once per token for all heads. This replaces
 // addmm's bias copy, PyTorch's complex multiplies and the bias gradient's separate reduction.
-#include <torch/extension.h>
+#include <torch/types.h>  // not torch/extension.h (with pybind11): that triples the compile time
 #include <ATen/Parallel.h>
 #include <optional>
 #include <vector>
