@@ -51,6 +51,16 @@ def test_linear_computes_only_the_gradients_asked_for(monkeypatch):
     torch.testing.assert_close(grad_x, torch.ones(10, 6) @ weight.detach())
 
 
+@needs_onednn
+def test_a_second_derivative_fails_instead_of_being_silently_wrong(monkeypatch):
+    monkeypatch.setenv("LHT_CPU_MATMUL", "onednn")
+    leaf = torch.randn(4, 3, requires_grad=True)
+    weight = torch.randn(5, 3, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(cpu_matmul.linear(leaf, weight).pow(2).sum(), [leaf], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        grad_x.sum().backward()
+
+
 def test_other_devices_dtypes_and_empty_inputs_keep_pytorchs_linear(monkeypatch):
     monkeypatch.setenv("LHT_CPU_MATMUL", "onednn")
     weight = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from lhtcli.config import cpu_matmul_setting
 
@@ -81,6 +82,7 @@ class _OneDNNLinear(torch.autograd.Function):
         return _onednn_linear(x, weight)
 
     @staticmethod
+    @once_differentiable  # no graph through the oneDNN call: a second derivative must fail loudly
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()
