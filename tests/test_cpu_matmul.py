@@ -61,6 +61,20 @@ def test_a_second_derivative_fails_instead_of_being_silently_wrong(monkeypatch):
         grad_x.sum().backward()
 
 
+def test_a_changed_onednn_op_falls_back_to_mkl(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("mkldnn::_linear_pointwise() expected 5 arguments")
+
+    monkeypatch.setattr(cpu_matmul, "_onednn_linear", broken)
+    cpu_matmul._onednn_available.cache_clear()
+    try:
+        assert cpu_matmul._onednn_available() is False
+        monkeypatch.setenv("LHT_CPU_MATMUL", "onednn")
+        assert cpu_matmul.library() == "mkl"
+    finally:
+        cpu_matmul._onednn_available.cache_clear()
+
+
 def test_other_devices_dtypes_and_empty_inputs_keep_pytorchs_linear(monkeypatch):
     monkeypatch.setenv("LHT_CPU_MATMUL", "onednn")
     weight = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)

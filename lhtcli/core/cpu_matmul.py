@@ -37,7 +37,16 @@ def _cpu_vendor() -> str:
 
 @cache
 def _onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """oneDNN's linear op is there and gives torch.mm's product (it is an internal op of PyTorch's compiler:
+    a torch in the supported range that changed it falls back to MKL instead of failing mid-training)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    x = torch.arange(12, dtype=torch.float32).view(3, 4) / 8
+    weight = torch.arange(20, dtype=torch.float32).view(5, 4).t().contiguous().t() / 16  # a transposed view
+    try:
+        return torch.allclose(_onednn_linear(x, weight), x @ weight.t())
+    except RuntimeError:
+        return False
 
 
 def library() -> str:
