@@ -27,7 +27,6 @@ dense against compact fast, N = 1024..8192.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -106,12 +105,7 @@ def device_label(device: torch.device) -> str:
     """e.g. "cpu (AMD EPYC, 2 threads)": the machines these scripts run on change, and their numbers with them."""
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    name = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
+    name = native.cpuinfo("model name") or platform.processor() or platform.machine()
     return f"{device} ({name}, {torch.get_num_threads()} threads)"
 
 

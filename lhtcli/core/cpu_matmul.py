@@ -15,24 +15,18 @@ are exact fp32 products (float32 accumulation, no reduced-precision mode), diffe
 from __future__ import annotations
 
 from functools import cache
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from lhtcli.config import cpu_matmul_setting
+from lhtcli.core import native
 
 
 @cache
 def _cpu_vendor() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return native.cpuinfo("vendor_id")
 
 
 @cache

@@ -41,15 +41,21 @@ _LOCK = threading.Lock()
 _STATE: dict[str, Any] = {}
 
 
-def _cpu_flags() -> set[str]:
+def cpuinfo(key: str) -> str:
+    """The first ``key : value`` of /proc/cpuinfo (e.g. "flags", "vendor_id", "model name"); "" if absent."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return ""
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+        name, _, value = line.partition(":")
+        if name.strip() == key:
+            return value.strip()
+    return ""
+
+
+def _cpu_flags() -> set[str]:
+    return set(cpuinfo("flags").split())
 
 
 def _why_unsupported() -> str | None:
