@@ -114,12 +114,16 @@ class TrainingConfig(_Section):
 class DataConfig(_Section):
     path: str = "builtin"
     text_field: str = "text"
+    split: str = Field("train", description="split of a saved Hugging Face DatasetDict")
     tokenizer: str = "train"
     tokenizer_vocab_size: int = Field(8000, ge=64, description="vocabulary of a trained tokenizer")
     validation_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     skip_bad_records: bool = False
     shuffle_buffer: int = Field(1000, ge=1)
     builtin_docstrings: bool = Field(True, description="add stdlib docstrings to the builtin corpus")
+    builtin_stdlib: bool = Field(
+        True, description="add the rest of the stdlib's docstrings and its source comments to the builtin corpus"
+    )
 
 
 class LoggingConfig(_Section):

@@ -59,7 +59,7 @@ BAD_LINES = {
     "invalid JSON": b'{"text": [["a"]',
     "JSON object": b'[["a"]]',
     "'text' field": b'{"body": [["a"]]}',
-    "a string": b'{"text": "plain text"}',
+    "the text is a boolean": b'{"text": true}',
     "section 1 is a string": b'{"text": ["plain", "text"]}',
     "a number": b'{"text": [["ok", 3]]}',
     "null": b'{"text": [["ok"], null]}',
@@ -215,13 +215,13 @@ def test_iter_corpus_dispatch(tmp_path: Path) -> None:
     (folder / "x.txt").write_text("Some text.\n")
     assert list(iter_corpus(DataConfig(path=str(jsonl)))) == [DOC_A]
     assert list(iter_corpus(DataConfig(path=str(folder)))) == [[["Some text."]]]
-    assert len(list(iter_corpus(DataConfig(path="builtin", builtin_docstrings=False)))) > 50
+    assert len(list(iter_corpus(DataConfig(path="builtin", builtin_docstrings=False, builtin_stdlib=False)))) > 50
 
 
 def test_iter_corpus_missing_path_names_the_key(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="data.path"):
         iter_corpus(DataConfig(path=str(tmp_path / "nope.jsonl")))
-    with pytest.raises(DataError, match="without .txt or .md"):
+    with pytest.raises(DataError, match="without .txt, .md or .parquet"):
         iter_corpus(DataConfig(path=str(tmp_path)))
 
 

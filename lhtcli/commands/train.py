@@ -149,7 +149,8 @@ def config_validate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     problems = []
     if cfg.data.path != "builtin" and not Path(cfg.data.path).exists():
         problems.append(
-            f"  data.path: {cfg.data.path} does not exist (a .jsonl file, a folder of .txt/.md files, or builtin)"
+            f"  data.path: {cfg.data.path} does not exist (a .jsonl/.json/.parquet file, a folder of .txt/.md or "
+            ".parquet files, a Hugging Face dataset saved with save_to_disk, or builtin)"
         )
     if cfg.data.tokenizer != "train" and not Path(cfg.data.tokenizer).is_file():
         problems.append(

@@ -13,12 +13,12 @@ import importlib
 import importlib.util
 import inspect
 import re
-import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import TypeGuard
 
 from lhtcli.data.documents import Document, normalize_whitespace, split_sentences
+from lhtcli.data.stdlib_source import comment_sections, parse_source, read_source, stdlib_module_files
 
 # The ~120 standard-library modules with the most docstring prose (~1M characters), read from source.
 # Modules removed in Python 3.13 are left out so the corpus stays similar across versions.
@@ -175,12 +175,11 @@ def _docstring_sections(name: str) -> list[str]:
         except ImportError:  # a trimmed-down Python may lack a module; the corpus just shrinks
             return []
         return [inspect.cleandoc(doc)] if isinstance(doc, str) else []
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. SyntaxWarning for an odd escape: the corpus prints nothing
-            tree = ast.parse(source)
-    except SyntaxError:
-        return []
+    tree = parse_source(source)
+    return _tree_docstrings(tree) if tree else []
+
+
+def _tree_docstrings(tree: ast.Module) -> list[str]:
     entries = [ast.get_docstring(tree) or ""]
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
@@ -198,30 +197,53 @@ def _is_def(node: ast.AST) -> TypeGuard[ast.FunctionDef | ast.AsyncFunctionDef]:
     return isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
 
 
+def _docstring_document(docstrings: list[str], seen: set[str]) -> Document:
+    sections: list[Section] = []
+    for doc in docstrings:
+        # Headings inside docstrings ("Parameters") only add noise; one section per object.
+        paragraphs = [p for _heading, section in prose_sections(doc) for p in section]
+        if paragraphs:
+            sections.append((None, paragraphs))
+    return _document(sections, seen)
+
+
 def _docstring_documents(seen: set[str]) -> list[Document]:
-    documents = []
-    for module_name in DOCSTRING_MODULES:
-        sections: list[Section] = []
-        for doc in _docstring_sections(module_name):
-            # Headings inside docstrings ("Parameters") only add noise; one section per object.
-            paragraphs = [p for _heading, section in prose_sections(doc) for p in section]
-            if paragraphs:
-                sections.append((None, paragraphs))
-        document = _document(sections, seen)
-        if document:
-            documents.append(document)
-    return documents
+    documents = [_docstring_document(_docstring_sections(name), seen) for name in DOCSTRING_MODULES]
+    return [document for document in documents if document]
+
+
+def _stdlib_documents(seen: set[str]) -> list[Document]:
+    """Docstrings of the stdlib modules not in DOCSTRING_MODULES, then the comments of every module."""
+    curated = set(DOCSTRING_MODULES)
+    parsed = []
+    for name, path in stdlib_module_files():
+        source = read_source(path)
+        if source is not None:
+            parsed.append((name, source, parse_source(source)))
+    documents = [
+        _docstring_document(_tree_docstrings(tree), seen) for name, _source, tree in parsed
+        if tree is not None and name not in curated
+    ]
+    for _name, source, tree in parsed:
+        documents.append(_document([(None, section) for section in comment_sections(source, tree)], seen))
+    return [document for document in documents if document]
 
 
 @lru_cache(maxsize=2)
-def _builtin(include_docstrings: bool) -> tuple[tuple[tuple[str, ...], ...], ...]:
+def _builtin(include_docstrings: bool, include_stdlib: bool) -> tuple[tuple[tuple[str, ...], ...], ...]:
     seen: set[str] = set()
     documents = _topic_documents(seen)
     if include_docstrings:
         documents += _docstring_documents(seen)
+    if include_stdlib:
+        documents += _stdlib_documents(seen)
     return tuple(tuple(tuple(section) for section in doc) for doc in documents)
 
 
-def builtin_documents(include_docstrings: bool = True) -> list[Document]:
-    """The built-in corpus in a fixed order (a fresh copy each call: callers may modify it)."""
-    return [[list(section) for section in doc] for doc in _builtin(include_docstrings)]
+def builtin_documents(include_docstrings: bool = True, include_stdlib: bool = False) -> list[Document]:
+    """The built-in corpus in a fixed order (a fresh copy each call: callers may modify it).
+
+    ``include_stdlib`` appends the rest of the standard library's docstrings and its source comments
+    (``stdlib_source``); the documents before them are unchanged by it.
+    """
+    return [[list(section) for section in doc] for doc in _builtin(include_docstrings, include_stdlib)]

@@ -139,8 +139,19 @@ def parse_document(obj: Any, where: str, hint: str = "") -> Document:
 # ----------------------------------------------------------------------------- JSONL
 
 
+def value_to_document(value: Any) -> Document | None | str:
+    """A record's text value as a document: plain text is split (``text_to_document``), nested lists
+    are taken as they are. ``None`` for text without words (an empty row: nothing to train on), else
+    a sentence saying what is wrong."""
+    if isinstance(value, str):
+        return text_to_document(value) or None
+    if not isinstance(value, list):
+        return f"the text is {_describe(value)}; expected plain text or nested lists ({SHAPE_HINT})"
+    return _shape_problem(value)
+
+
 def _parse_jsonl_line(raw: bytes, text_field: str, first: bool) -> Document | None | str:
-    """A document, ``None`` for a blank line, or a problem description."""
+    """A document, ``None`` for a blank line (or a record without text), or a problem description."""
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -160,7 +171,7 @@ def _parse_jsonl_line(raw: bytes, text_field: str, first: bool) -> Document | No
     if text_field not in obj:
         keys = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
         return f"no {text_field!r} field (keys: {keys}); set data.text_field to the field holding the text"
-    return _shape_problem(obj[text_field])
+    return value_to_document(obj[text_field])
 
 
 def read_jsonl(
@@ -252,6 +263,15 @@ def parse_text(text: str, markdown: bool = False) -> Document:
     return [section for section in document if section]
 
 
+def text_to_document(text: str) -> Document:
+    """Plain text from a JSONL field or a dataset column: the README's rules ("Plain text").
+
+    Markdown headings (``# Title``) open sections; without any heading every blank-line separated
+    paragraph is a section. Sentences end at ``. ! ?`` before a capital, digit or quote.
+    """
+    return parse_text(text, markdown=True)
+
+
 def _read_text_file(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")
@@ -325,37 +345,86 @@ def _non_empty(documents: Iterator[Document], message: str) -> Iterator[Document
         raise DataError(message)
 
 
-def iter_corpus(data_cfg: DataConfig, report: BadRecordReport | None = None) -> Iterator[Document]:
-    """The documents named by ``data.path``: ``builtin``, a .jsonl file or a folder of .txt/.md files.
+CORPUS_HINT = (
+    "give 'builtin', a .jsonl/.json file, a folder of .txt/.md files, a .parquet file (or a folder of them) "
+    "or a Hugging Face dataset folder written by save_to_disk"
+)
 
-    The path is checked now; the documents are read lazily.
+
+def _read_json_array(path: Path, text_field: str, skip_bad_records: bool,
+                     report: BadRecordReport | None) -> Iterator[Document]:
+    """A .json file holding one JSON array of records (read whole: use JSON Lines for a large corpus)."""
+    text = _read_text_file(path)
+    try:
+        records = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        detail = f"{exc.msg} at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+        raise DataError(f"{path} is not valid JSON ({detail}); give JSON Lines or one JSON array of records") from None
+    for number, record in enumerate(records, start=1):
+        if isinstance(record, dict) and text_field in record:
+            result = value_to_document(record[text_field])
+        elif isinstance(record, dict):
+            keys = ", ".join(repr(k) for k in list(record)[:8]) or "none"
+            result = f"no {text_field!r} field (keys: {keys}); set data.text_field to the field holding the text"
+        else:
+            result = f"expected a JSON object with a {text_field!r} field, got {_describe(record)}"
+        if result is None:
+            continue
+        if isinstance(result, str):
+            if not skip_bad_records:
+                raise DataError(f"{path} record {number}: {result}; {SKIP_HINT}")
+            if report is not None:
+                report.add(f"{path} record {number}: {result}")
+            continue
+        yield result
+
+
+def _json_is_array(path: Path) -> bool:
+    """Whether a .json file is one JSON array rather than JSON Lines (what ``Dataset.to_json`` writes)."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}") from None
+    return head.startswith(b"[")
+
+
+def iter_corpus(data_cfg: DataConfig, report: BadRecordReport | None = None) -> Iterator[Document]:
+    """The documents named by ``data.path`` (``CORPUS_HINT`` lists the kinds of input).
+
+    The path (and, for datasets and Parquet, the text column) is checked now; the documents are
+    read lazily, so a corpus larger than memory streams.
     """
     if data_cfg.path == "builtin":
         from lhtcli.data.builtin_corpus import builtin_documents
 
-        return iter(builtin_documents(include_docstrings=data_cfg.builtin_docstrings))
+        return iter(builtin_documents(data_cfg.builtin_docstrings, data_cfg.builtin_stdlib))
+    from lhtcli.data import hf_inputs
+
     path = Path(data_cfg.path).expanduser()
+    name = repr(data_cfg.path)
+    empty = f"data.path {name} holds no documents (it is empty, has only blank records or every record was skipped)"
     if not path.exists():
-        raise DataError(
-            f"data.path {data_cfg.path!r} does not exist; give a .jsonl file, a folder of .txt/.md files or 'builtin'"
-        )
+        raise DataError(f"data.path {name} does not exist; {CORPUS_HINT}")
+    if hf_inputs.is_saved_dataset(path) or hf_inputs.parquet_files(path) and not (path.is_dir() and text_files(path)):
+        field, split = data_cfg.text_field, data_cfg.split
+        hf_inputs.check_hf_input(path, field, split)
+        return _non_empty(hf_inputs.read_hf_input(path, field, split, data_cfg.skip_bad_records, report), empty)
     if path.is_dir():
         if not text_files(path):
-            raise DataError(f"data.path {data_cfg.path!r} is a folder without .txt or .md files")
-        return _non_empty(read_text_folder(path), f"data.path {data_cfg.path!r}: no .txt/.md file in it has text")
-    if path.suffix.lower() == ".jsonl":
-        documents = read_jsonl(path, data_cfg.text_field, data_cfg.skip_bad_records, report)
-        return _non_empty(documents, f"data.path {data_cfg.path!r} holds no documents (the file is empty, has only "
-                                     "blank lines or every record was skipped)")
-    if path.suffix.lower() in TEXT_SUFFIXES:
-        document = parse_text(_read_text_file(path), path.suffix.lower() == ".md")
+            raise DataError(f"data.path {name} is a folder without .txt, .md or .parquet files; {CORPUS_HINT}")
+        return _non_empty(read_text_folder(path), f"data.path {name}: no .txt/.md file in it has text")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl" or suffix == ".json" and not _json_is_array(path):
+        return _non_empty(read_jsonl(path, data_cfg.text_field, data_cfg.skip_bad_records, report), empty)
+    if suffix == ".json":
+        return _non_empty(_read_json_array(path, data_cfg.text_field, data_cfg.skip_bad_records, report), empty)
+    if suffix in TEXT_SUFFIXES:
+        document = parse_text(_read_text_file(path), suffix == ".md")
         if not document:
-            raise DataError(f"data.path {data_cfg.path!r} has no text")
+            raise DataError(f"data.path {name} has no text")
         return iter([document])
-    raise DataError(
-        f"data.path {data_cfg.path!r} is neither a .jsonl file nor a folder; give a .jsonl file, "
-        "a folder of .txt/.md files or 'builtin'"
-    )
+    raise DataError(f"unsupported data.path {name} (type {path.suffix or 'none'!r}); {CORPUS_HINT}")
 
 
 # ----------------------------------------------------------------------------- train/validation split

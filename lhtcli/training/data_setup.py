@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,11 +10,44 @@ from typing import Any
 from rich.console import Console
 
 from lhtcli.config import LHTConfig
+from lhtcli.core.positions import TokenizedSequence
 from lhtcli.data.baselines import baseline_accuracies, fit_ngram_baselines
 from lhtcli.data.batching import MLMBatch, MLMBatchStream, documents_to_sequences, fixed_batches
-from lhtcli.data.documents import BadRecordReport, iter_corpus, split_by_document
+from lhtcli.data.documents import BadRecordReport, Document, iter_corpus, split_by_document
 from lhtcli.data.tokenizer import LHTTokenizer
 from lhtcli.errors import DataError
+
+# The n-gram baselines are fitted on at most this many training tokens (memory stays bounded).
+BASELINE_MAX_TOKENS = 5_000_000
+
+
+class _Counted(Iterator[Document]):
+    """Passes documents through and counts how many were pulled."""
+
+    def __init__(self, documents: Iterator[Document]) -> None:
+        self.documents, self.count = documents, 0
+
+    def __next__(self) -> Document:
+        document = next(self.documents)
+        self.count += 1
+        return document
+
+
+def _first_tokens(sequences: Iterator[TokenizedSequence], max_tokens: int) -> Iterator[TokenizedSequence]:
+    total = 0
+    for sequence in sequences:
+        if total >= max_tokens:
+            return
+        total += len(sequence.input_ids)
+        yield sequence
+
+
+def _small_source(cfg: LHTConfig) -> bool:
+    """The built-in corpus or a folder of text files: counting its documents costs a moment."""
+    if cfg.data.path == "builtin":
+        return True
+    path = Path(cfg.data.path).expanduser()
+    return path.is_dir() and not (path / "state.json").exists() and not (path / "dataset_dict.json").exists()
 
 
 @dataclass
@@ -32,6 +65,9 @@ class DataBundle:
             parts.append(f"{self.stats['train_documents']:,} training documents")
         if "val_documents" in self.stats:
             parts.append(f"{self.stats['val_documents']:,} held out ({len(self.val_batches)} validation batches)")
+        elif "val_documents_used" in self.stats:
+            parts.append(f"{len(self.val_batches)} validation batches from {self.stats['val_documents_used']:,} "
+                         "held-out documents")
         parts.append(f"vocabulary {self.tokenizer.vocab_size:,}")
         return ", ".join(p for p in parts if p)
 
@@ -69,21 +105,24 @@ def prepare_data(cfg: LHTConfig, tokenizer_json: str | None = None, console: Con
     stream = MLMBatchStream(
         train_docs, tokenizer, max_len, tcfg.batch_size, tcfg.mlm_probability, cfg.seed, cfg.data.shuffle_buffer
     )
-    val_list = list(val_docs())
+    # Validation reads held-out documents only until its batches are full: a large corpus streams.
+    used = _Counted(val_docs())
     val_batches = fixed_batches(
-        val_list, tokenizer, max_len, tcfg.batch_size, tcfg.mlm_probability, cfg.seed + 1, tcfg.eval_batches
+        used, tokenizer, max_len, tcfg.batch_size, tcfg.mlm_probability, cfg.seed + 1, tcfg.eval_batches
     )
     stats: dict[str, Any] = {
         "source": "built-in corpus (Python documentation)" if cfg.data.path == "builtin" else str(Path(cfg.data.path)),
-        "val_documents": len(val_list),
     }
-    if cfg.data.path == "builtin" or Path(cfg.data.path).is_dir():
+    if _small_source(cfg):
+        stats["val_documents"] = sum(1 for _ in val_docs())
         stats["train_documents"] = sum(1 for _ in train_docs())
+    else:
+        stats["val_documents_used"] = used.count
     if stats.get("train_documents") == 0:
         raise DataError(f"data.path {cfg.data.path!r} holds no training documents (all were held out or empty)")
 
     def baselines() -> dict[str, float]:
-        sequences = documents_to_sequences(train_docs(), tokenizer, max_len)
+        sequences = _first_tokens(documents_to_sequences(train_docs(), tokenizer, max_len), BASELINE_MAX_TOKENS)
         model = fit_ngram_baselines(sequences, special_ids=tokenizer.special_ids)
         return baseline_accuracies(model, val_batches)
 
