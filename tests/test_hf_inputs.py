@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,10 @@ from lhtcli.errors import DataError
 
 PLAIN = "# Intro\nFirst sentence here. Second one follows.\n\nMore of the intro.\n\n# Next\nThe end is near."
 NESTED = [["One.", "Two."], ["Three."]]
-PLAIN_DOC = [["Intro", "First sentence here.", "Second one follows.", "More of the intro."], ["Next", "The end is near."]]
+PLAIN_DOC = [
+    ["Intro", "First sentence here.", "Second one follows.", "More of the intro."],
+    ["Next", "The end is near."],
+]
 
 
 def test_plain_text_rules() -> None:
@@ -68,10 +72,22 @@ def test_bad_value_names_the_row() -> None:
         list(documents_from_rows([("data.parquet row 1", "Fine."), ("data.parquet row 2", 7)]))
 
 
+def test_missing_extra_names_the_install_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import now raises ImportError
+    with pytest.raises(DataError, match=r"needs the 'pyarrow' library; install the optional extra: .*lhtcli\[hf\]"):
+        iter_corpus(DataConfig(path=str(tmp_path / "a.parquet")))
+
+
 # ----------------------------------------------------------------------------- with the optional libraries
 
-datasets = pytest.importorskip("datasets")
-datasets.disable_progress_bars()  # the fixtures' writes would print bars to stderr
+
+@pytest.fixture
+def datasets():
+    """The optional ``datasets`` library; the test is skipped without it (``pip install 'lhtcli[hf]'``)."""
+    module = pytest.importorskip("datasets")
+    module.disable_progress_bars()  # the fixtures' writes would print bars to stderr
+    return module
 
 
 @pytest.fixture
@@ -82,7 +98,7 @@ def rows() -> dict[str, list]:
 EXPECTED = [PLAIN_DOC, [["Another record.", "With two sentences."]]]
 
 
-def test_saved_dataset_and_dataset_dict(tmp_path: Path, rows: dict[str, list]) -> None:
+def test_saved_dataset_and_dataset_dict(datasets, tmp_path: Path, rows: dict[str, list]) -> None:
     dataset = datasets.Dataset.from_dict(rows)
     dataset.save_to_disk(str(tmp_path / "ds"))
     datasets.DatasetDict({"train": dataset, "test": dataset.select([0])}).save_to_disk(str(tmp_path / "dd"))
@@ -93,12 +109,12 @@ def test_saved_dataset_and_dataset_dict(tmp_path: Path, rows: dict[str, list]) -
         iter_corpus(DataConfig(path=str(tmp_path / "dd"), text_field="content", split="validation"))
 
 
-def test_nested_lists_in_a_dataset_are_taken_as_is(tmp_path: Path) -> None:
+def test_nested_lists_in_a_dataset_are_taken_as_is(datasets, tmp_path: Path) -> None:
     datasets.Dataset.from_dict({"text": [NESTED]}).save_to_disk(str(tmp_path / "ds"))
     assert list(iter_corpus(DataConfig(path=str(tmp_path / "ds")))) == [NESTED]
 
 
-def test_parquet_file_and_folder(tmp_path: Path, rows: dict[str, list]) -> None:
+def test_parquet_file_and_folder(datasets, tmp_path: Path, rows: dict[str, list]) -> None:
     folder = tmp_path / "shards"
     folder.mkdir()
     datasets.Dataset.from_dict(rows).to_parquet(str(folder / "a.parquet"))
@@ -107,7 +123,7 @@ def test_parquet_file_and_folder(tmp_path: Path, rows: dict[str, list]) -> None:
     assert list(iter_corpus(DataConfig(path=str(folder), text_field="content"))) == [*EXPECTED, [["Last shard text."]]]
 
 
-def test_missing_column_and_unreadable_files(tmp_path: Path, rows: dict[str, list]) -> None:
+def test_missing_column_and_unreadable_files(datasets, tmp_path: Path, rows: dict[str, list]) -> None:
     datasets.Dataset.from_dict(rows).to_parquet(str(tmp_path / "a.parquet"))
     datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "ds"))
     for path in (tmp_path / "a.parquet", tmp_path / "ds"):
@@ -122,7 +138,7 @@ def test_missing_column_and_unreadable_files(tmp_path: Path, rows: dict[str, lis
         iter_corpus(DataConfig(path=str(tmp_path / "ds"), text_field="content"))
 
 
-def test_cli_reports_a_missing_column_in_one_line(tmp_path: Path, rows: dict[str, list], capsys) -> None:
+def test_cli_reports_a_missing_column_in_one_line(datasets, tmp_path: Path, rows: dict[str, list], capsys) -> None:
     from lhtcli.cli import main
 
     datasets.Dataset.from_dict(rows).to_parquet(str(tmp_path / "a.parquet"))
