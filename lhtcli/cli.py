@@ -14,7 +14,7 @@ import typer
 from typer.core import TyperGroup
 
 from lhtcli import __version__
-from lhtcli.commands import demo, entropy, gradcheck, train, visualize
+from lhtcli.commands import demo, entropy, export, gradcheck, train, visualize
 from lhtcli.errors import LHTError
 
 HELP = """\
@@ -78,6 +78,7 @@ _COMMANDS = [
     (entropy.entropy, "entropy", "Inspection", entropy.EPILOG),
     (gradcheck.gradcheck, "gradcheck", "Inspection", gradcheck.EPILOG),
     (demo.demo, "demo", "Getting started", demo.EPILOG),
+    (export.export, "export", "Sharing", export.EPILOG),
 ]
 for _func, _name, _panel, _epilog in _COMMANDS:
     app.command(_name, rich_help_panel=_panel, epilog=_epilog)(_func)

@@ -22,8 +22,9 @@ from lhtcli.errors import DataError
 
 REPO = Path(__file__).resolve().parent.parent
 runner = CliRunner()
-COMMANDS = ["train", "visualize", "entropy", "gradcheck", "demo"]
-HEAVY = ["torch", "wandb", "matplotlib", "tensorboard", "tokenizers", "numpy", "pydantic"]
+COMMANDS = ["train", "visualize", "entropy", "gradcheck", "demo", "export"]
+HEAVY = ["torch", "wandb", "matplotlib", "tensorboard", "tokenizers", "numpy", "pydantic", "safetensors", "datasets",
+         "transformers", "pyarrow"]
 
 
 def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -113,6 +114,7 @@ def test_panels_group_commands():
         "entropy": "Inspection",
         "gradcheck": "Inspection",
         "demo": "Getting started",
+        "export": "Sharing",
     }
 
 

@@ -74,9 +74,9 @@ CheckpointOpt = Annotated[
     Path | None,
     typer.Option(
         "--checkpoint",
-        help="A .ckpt written by lht train (without it, --config builds a randomly initialised model).",
+        help="A .ckpt written by lht train, or a folder written by lht export (without it, --config builds a "
+        "randomly initialised model).",
         show_default=False,
-        dir_okay=False,
         autocompletion=complete_path,
     ),
 ]

@@ -1,7 +1,8 @@
 """What the inspection commands (visualize, entropy, gradcheck) analyse: a model and some text.
 
-* ``--checkpoint CKPT``: the trained model, its config and its tokenizer, all from the checkpoint;
-  ``--set`` may change sections other than ``model`` (e.g. ``logging.dir``).
+* ``--checkpoint CKPT``: the trained model, its config and its tokenizer, all from the checkpoint
+  (a ``.ckpt`` file or a folder written by ``lht export``); ``--set`` may change sections other than
+  ``model`` (e.g. ``logging.dir``).
 * ``--config FILE``: a randomly initialised model (seeded by ``seed``); the tokenizer is
   ``data.tokenizer`` when that is a file, otherwise a WordPiece tokenizer trained in milliseconds on
   the built-in sample document (plus ``--document``, if given).
@@ -118,10 +119,13 @@ def load_model(
 
 
 def _from_checkpoint(path: Path, sets: list[str] | None, device: str | None) -> LoadedModel:
+    """A ``.ckpt`` file of ``lht train`` or a folder written by ``lht export`` (safetensors: no code runs)."""
     from lhtcli.data.tokenizer import LHTTokenizer
     from lhtcli.training.checkpoint import check_model_compatible, load_checkpoint
+    from lhtcli.training.export import is_export_dir, load_export_dir, load_weights
 
-    ckpt = load_checkpoint(path, map_location="cpu")
+    exported = is_export_dir(path)
+    ckpt = load_export_dir(path) if exported else load_checkpoint(path, map_location="cpu")
     cfg = ckpt.config
     overrides = list(sets or []) + ([f"device={device}"] if device else [])
     if overrides:
@@ -131,8 +135,11 @@ def _from_checkpoint(path: Path, sets: list[str] | None, device: str | None) -> 
         cfg = changed
     tokenizer = LHTTokenizer.from_json_str(ckpt.tokenizer_json, source=f"the tokenizer in {path}")
     model = _build_model(cfg, tokenizer.vocab_size)
-    check_model_compatible(ckpt, model)
-    model.load_state_dict(ckpt.model_state)
+    if exported:
+        load_weights(model, ckpt.model_state, path)
+    else:
+        check_model_compatible(ckpt, model)
+        model.load_state_dict(ckpt.model_state)
     target = resolve_device(cfg.device)
     model.to(target).eval()
     return LoadedModel(model, cfg, tokenizer, target, f"{path} (step {ckpt.step})", ckpt.step, path)

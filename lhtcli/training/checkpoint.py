@@ -334,7 +334,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
-        raise CheckpointError(f"{path} is a directory; pass a .ckpt file (e.g. {path / LAST_FILE})")
+        raise CheckpointError(f"{path} is a directory; pass a .ckpt file (e.g. {path / LAST_FILE}) or a folder "
+                              "written by lht export")
     try:
         checksummed = verify_file_checksum(path)
         raw = torch.load(path, map_location=map_location, weights_only=True)
