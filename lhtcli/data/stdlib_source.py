@@ -2,8 +2,8 @@
 
 The curated docstring list in ``builtin_corpus`` holds about 0.6M characters of prose; the rest of
 the standard library adds about 0.6M more in docstrings and about 1.4M in comments (block comments
-are English prose explaining the code). Everything is read from source with ``ast`` and
-``tokenize``; nothing is imported, so nothing runs.
+are English prose explaining the code). Everything is read from source (``ast`` and a line scan);
+nothing is imported, so nothing runs.
 """
 
 from __future__ import annotations
@@ -11,10 +11,8 @@ from __future__ import annotations
 import ast
 import bisect
 import importlib.util
-import io
 import re
 import sys
-import tokenize
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,26 +81,33 @@ def parse_source(source: str) -> ast.Module | None:
         return None
 
 
+_TRIPLE_QUOTE = re.compile(r'"""|\'\'\'')
+
+
 def _comment_blocks(source: str) -> Iterator[tuple[int, list[str]]]:
-    """(first line, lines) of each run of consecutive full-line comments; a bare ``#`` line splits runs."""
+    """(first line, lines) of each run of consecutive full-line comments; a bare ``#`` line splits runs.
+
+    A line scan rather than ``tokenize`` (3x slower over the whole standard library): triple quotes
+    toggle a "inside a string" state so that ``#`` lines of a docstring are not taken for comments.
+    An odd quote inside a one-line string can flip that state; the corpus then gains or loses a few
+    lines, the same ones on every run.
+    """
     block: list[str] = []
     start = last = -2
-    try:
-        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
-    except (tokenize.TokenError, SyntaxError, ValueError):
-        return
-    for token in tokens:
-        if token.type != tokenize.COMMENT or token.line.strip()[:1] != "#":
-            continue
-        line = token.start[0]
-        text = token.string.lstrip("#").strip()
-        if line != last + 1 or not text:
-            if block:
-                yield start, block
-            block, start = [], line
-        if text:
-            block.append(text)
-        last = line
+    in_string = False
+    for number, line in enumerate(source.splitlines(), start=1):
+        stripped = line.lstrip()
+        if not in_string and stripped.startswith("#"):
+            text = stripped.lstrip("#").strip()
+            if number != last + 1 or not text:
+                if block:
+                    yield start, block
+                block, start = [], number
+            if text:
+                block.append(text)
+            last = number
+        if len(_TRIPLE_QUOTE.findall(line)) % 2:
+            in_string = not in_string
     if block:
         yield start, block
 
