@@ -304,3 +304,42 @@ def test_rest_parser_drops_code_grammar_and_tables() -> None:
         ),
         ("Sub", ["Final words are here."]),
     ]
+
+
+def test_builtin_stdlib_extends_the_corpus_and_leaves_it_unchanged() -> None:
+    base = builtin_documents(include_docstrings=True)
+    full = builtin_documents(include_docstrings=True, include_stdlib=True)
+    assert full[: len(base)] == base  # the held-out documents of the smaller corpus stay the same
+
+    def chars(docs: list) -> int:
+        return sum(len(s) for d in docs for section in d for s in section)
+
+    assert chars(full) > 1.8 * chars(base)
+    added = [s for d in full[len(base) :] for section in d for s in section]
+    assert all(s == s.strip() and "\n" not in s for s in added)
+    # Code is dropped; a docstring's inline example may slip through now and then.
+    assert sum(s.startswith(("#", ">>>")) for s in added) <= len(added) / 1000
+
+
+def test_comment_sections_keep_prose_and_drop_code() -> None:
+    import ast
+
+    from lhtcli.data.stdlib_source import comment_sections
+
+    source = (
+        "#!/usr/bin/env python\n# -*- coding: utf-8 -*-\n"
+        "# This module shows how comments become prose paragraphs.\n# The second line joins the first.\n"
+        "import os\n\n"
+        "def f():\n"
+        '    """Docstring.\n\n    # Not a comment but a line in a string, kept out.\n    """\n'
+        "    # x = compute(a, b)\n"
+        "    # Explain why the loop below stops early on errors.\n"
+        "    return 1  # trailing comments are not paragraphs\n"
+        "\n"
+        "class C:\n    # Another section starts with the class body.\n    pass\n"
+    )
+    assert comment_sections(source, ast.parse(source)) == [
+        ["This module shows how comments become prose paragraphs. The second line joins the first."],
+        ["Explain why the loop below stops early on errors."],
+        ["Another section starts with the class body."],
+    ]

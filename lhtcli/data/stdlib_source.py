@@ -98,7 +98,7 @@ def _comment_blocks(source: str) -> Iterator[tuple[int, list[str]]]:
     for number, line in enumerate(source.splitlines(), start=1):
         stripped = line.lstrip()
         if not in_string and stripped.startswith("#"):
-            text = stripped.lstrip("#").strip()
+            text = stripped.lstrip("# \t").rstrip()  # "# # nested" comments lose every hash
             if number != last + 1 or not text:
                 if block:
                     yield start, block
