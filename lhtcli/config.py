@@ -108,7 +108,14 @@ class TrainingConfig(_Section):
     max_bad_steps: int = Field(5, ge=1, description="consecutive NaN/Inf steps before the run stops")
     mixed_precision: Literal["bf16", "fp16", "none"] = "bf16"
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
+    eval_mlm_probability: float | None = Field(
+        None, gt=0.0, lt=1.0, description="masking rate of the validation batches; null = mlm_probability"
+    )
     time_limit_minutes: float | None = Field(None, gt=0, description="stop cleanly after this long")
+
+    @property
+    def validation_mlm_probability(self) -> float:
+        return self.mlm_probability if self.eval_mlm_probability is None else self.eval_mlm_probability
 
 
 class DataConfig(_Section):

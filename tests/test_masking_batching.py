@@ -215,3 +215,23 @@ def test_build_sequences_and_stream_agree_on_doc_token(tokenizer: LHTTokenizer) 
     encoded = tokenizer.encode_document(CORPUS[2])
     (sequence,) = build_sequences(encoded, 64, tokenizer.doc_id)
     assert sequence.positions.level_enums[2].tolist().count(0) == len(sequence.input_ids) - 3
+
+
+def test_validation_batches_use_their_own_masking_rate(tmp_path) -> None:
+    """training.eval_mlm_probability keeps validation comparable when the training rate changes."""
+    from training_helpers import tiny_overrides, write_corpus
+
+    from lhtcli.config import load_config
+    from lhtcli.training.data_setup import prepare_data
+
+    corpus = write_corpus(tmp_path / "c.jsonl", documents=40)
+    overrides = tiny_overrides(corpus, **{"training.mlm_probability": 0.5, "training.eval_mlm_probability": 0.1,
+                                          "training.eval_batches": 4, "logging.dir": str(tmp_path / "runs")})
+    bundle = prepare_data(load_config(None, overrides), write_files=False)
+
+    def rate(batches) -> float:
+        maskable = sum(int(b.positions.real_mask.sum()) - b.batch_size for b in batches)  # all but [DOC]
+        return sum(b.num_masked for b in batches) / maskable
+
+    assert rate(bundle.val_batches) == pytest.approx(0.1, abs=0.04)
+    assert rate(list(islice(bundle.train_stream, 4))) == pytest.approx(0.5, abs=0.08)

@@ -206,7 +206,7 @@ def validation_batches(loaded: LoadedModel, batches: int) -> list[MLMBatch]:
         loaded.tokenizer,
         loaded.model.cfg.max_seq_len,
         tcfg.batch_size,
-        tcfg.mlm_probability,
+        tcfg.validation_mlm_probability,
         cfg.seed + 1,
         batches,
     )

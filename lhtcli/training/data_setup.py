@@ -108,7 +108,7 @@ def prepare_data(cfg: LHTConfig, tokenizer_json: str | None = None, console: Con
     # Validation reads held-out documents only until its batches are full: a large corpus streams.
     used = _Counted(val_docs())
     val_batches = fixed_batches(
-        used, tokenizer, max_len, tcfg.batch_size, tcfg.mlm_probability, cfg.seed + 1, tcfg.eval_batches
+        used, tokenizer, max_len, tcfg.batch_size, tcfg.validation_mlm_probability, cfg.seed + 1, tcfg.eval_batches
     )
     stats: dict[str, Any] = {
         "source": "built-in corpus (Python documentation)" if cfg.data.path == "builtin" else str(Path(cfg.data.path)),
