@@ -46,8 +46,11 @@ def _small_source(cfg: LHTConfig) -> bool:
     """The built-in corpus or a folder of text files: counting its documents costs a moment."""
     if cfg.data.path == "builtin":
         return True
+    from lhtcli.data.documents import text_files
+    from lhtcli.data.hf_inputs import is_saved_dataset
+
     path = Path(cfg.data.path).expanduser()
-    return path.is_dir() and not (path / "state.json").exists() and not (path / "dataset_dict.json").exists()
+    return path.is_dir() and not is_saved_dataset(path) and bool(text_files(path))
 
 
 @dataclass
