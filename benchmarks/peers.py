@@ -28,7 +28,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -134,30 +136,52 @@ class Contender:
 
 
 def run_n(n: int, names: list[str], args, device: torch.device) -> list[dict]:
+    """Interleaved rounds at one N; a model that runs out of memory drops out (its row says so)."""
     inputs = make_inputs(n, args.vocab, device)
     contenders = [Contender(name, n, args, device) for name in names]
     amp = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" and args.amp == "bf16"
            else contextlib.nullcontext())
     times: dict[str, list[float]] = {c.name: [] for c in contenders}
+    failed: dict[str, str] = {}
     for round_index in range(args.warmup + args.steps):
         for contender in contenders:
+            if contender.name in failed:
+                continue
             torch.manual_seed(round_index)
-            seconds = contender.step(inputs, amp, device)
+            try:
+                seconds = contender.step(inputs, amp, device)
+            except (MemoryError, RuntimeError) as exc:  # an allocation beyond --max-gib, or CUDA OOM
+                failed[contender.name] = f"failed: {str(exc).splitlines()[0][:80]}"
+                contender.opt.zero_grad(set_to_none=True)
+                continue
             if round_index >= args.warmup:
                 times[contender.name].append(seconds)
     rows = []
     for contender in contenders:
-        s = statistics.median(times[contender.name])
-        rows.append({"model": contender.name, "n": n, "parameters": contender.parameters, "s_per_step": s,
-                     "tokens_per_s": n / s, "rounds_s": times[contender.name]})
-    if "lht" in times:
-        lht_times = times["lht"]
+        row = {"model": contender.name, "n": n, "parameters": contender.parameters}
+        if contender.name in failed:
+            row["error"] = failed[contender.name]
+        else:
+            s = statistics.median(times[contender.name])
+            row.update(s_per_step=s, tokens_per_s=n / s, rounds_s=times[contender.name])
+        rows.append(row)
+    if "lht" in times and "lht" not in failed:
         for row in rows:
-            ratios = sorted(other / mine for other, mine in zip(row["rounds_s"], lht_times, strict=True))
-            row["lht_speedup"] = statistics.median(ratios)
+            if "rounds_s" in row:
+                ratios = sorted(other / mine for other, mine in zip(row["rounds_s"], times["lht"], strict=True))
+                row["lht_speedup"] = statistics.median(ratios)
     for contender in contenders:
         del contender.model, contender.opt
     return rows
+
+
+def run_n_in_child(n: int, argv: list[str]) -> list[dict]:
+    """One N in a fresh process (under the --max-gib address-space limit): a crash loses only that N."""
+    done = subprocess.run([sys.executable, __file__, *argv, "--ns", str(n), "--child"], capture_output=True, text=True)
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1][:100]
+        return [{"model": "all", "n": n, "parameters": 0, "error": f"failed: {reason}"}]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def print_table(rows: list[dict], header: str) -> None:
@@ -166,6 +190,9 @@ def print_table(rows: list[dict], header: str) -> None:
     print("| N | model | parameters | s/step | tokens/s | lht speedup |")
     print("|---:|---|---:|---:|---:|---:|")
     for row in rows:
+        if "error" in row:
+            print(f"| {row['n']} | {row['model']} | {row['parameters'] / 1e6:.2f}M | {row['error']} | | |")
+            continue
         speedup = "" if row["model"] == "lht" or "lht_speedup" not in row else f"{row['lht_speedup']:.2f}x"
         print(f"| {row['n']} | {row['model']} | {row['parameters'] / 1e6:.2f}M | {row['s_per_step']:.3f} | "
               f"{row['tokens_per_s']:,.0f} | {speedup} |")
@@ -184,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amp", default="bf16", choices=["bf16", "none"], help="CUDA mixed precision")
     parser.add_argument("--shape", default=None, help=argparse.SUPPRESS)  # tests: d_model,heads,layers,d_ff
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--max-gib", type=float, default=12.0,
+                        help="CPU: address-space limit of each N's process, so a model that needs more fails "
+                        "alone instead of waking the OOM killer on a shared machine (0 = none)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     try:
         import transformers
@@ -198,9 +230,18 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         reuse_freed_memory()  # as `lht train` does
     names = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.child:
+        if device.type == "cpu" and args.max_gib > 0:
+            limit = int(args.max_gib * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        print(json.dumps(run_n(int(args.ns), names, args, device)))
+        return 0
     rows: list[dict] = []
+    parent_argv = [a for a in argv if a != "--child"]
     for n in (int(x) for x in args.ns.split(",")):
-        rows += run_n(n, names, args, device)
+        ns_free = _without_option(parent_argv, "--ns")
+        rows += run_n_in_child(n, ns_free) if device.type == "cpu" else run_n(n, names, args, device)
+        print(f"N={n} done", file=sys.stderr, flush=True)
     lht_runs = {n: choose_backend(n, device, "auto", token_window=args.window, batch_size=1)
                 for n in sorted({r["n"] for r in rows})}
     header = (f"device {device_label(device)}; transformers {transformers.__version__}, torch {torch.__version__}; "
@@ -210,6 +251,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"header": header, "rows": rows}, indent=2))
     return 0
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` without ``option VALUE`` / ``option=VALUE``."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == option:
+            skip = True
+        elif not item.startswith(option + "="):
+            out.append(item)
+    return out
 
 
 if __name__ == "__main__":
