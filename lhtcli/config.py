@@ -129,7 +129,7 @@ class DataConfig(_Section):
     shuffle_buffer: int = Field(1000, ge=1)
     builtin_docstrings: bool = Field(True, description="add stdlib docstrings to the builtin corpus")
     builtin_stdlib: bool = Field(
-        True, description="add the rest of the stdlib's docstrings and its source comments to the builtin corpus"
+        False, description="add the rest of the stdlib's docstrings and its source comments to the builtin corpus"
     )
 
 
