@@ -364,8 +364,9 @@ def gradient_flow_figure(report: GradientReport, title: str | None = None) -> Fi
 
 
 def entropy_figure(report: EntropyReport, title: str | None = None) -> Figure:
-    """Mean entropy (± std, min-max range) and normalised entropy per layer, with each head as a dot."""
-    from lhtcli.diagnostics.attention_stats import DIFFUSE_ABOVE, FOCUSED_BELOW
+    """Mean entropy (± std, min-max range) and normalised entropy per layer (with the health thresholds),
+    each head as a dot."""
+    from lhtcli.diagnostics.attention_stats import FOCUSED_BELOW, UNIFORM_ABOVE
 
     layers = [layer.layer for layer in report.layers]
     fig = new_figure(max(6.0, 0.6 * len(layers) + 5.0), 3.8)
@@ -386,20 +387,6 @@ def entropy_figure(report: EntropyReport, title: str | None = None) -> Figure:
         ax_raw.scatter(
             [layer.layer] * len(layer.heads), [h.mean for h in layer.heads], s=10, color="#08519c", zorder=3
         )
-    ax_raw.axhline(
-        FOCUSED_BELOW,
-        color=GRAD_COLORS["vanishing"],
-        linestyle=":",
-        linewidth=1,
-        label=f"< {FOCUSED_BELOW:g} focused",
-    )
-    ax_raw.axhline(
-        DIFFUSE_ABOVE,
-        color=GRAD_COLORS["exploding"],
-        linestyle=":",
-        linewidth=1,
-        label=f"> {DIFFUSE_ABOVE:g} diffuse",
-    )
     ax_raw.set_xlabel("layer")
     ax_raw.set_ylabel("entropy (nats)")
     ax_raw.set_title("Attention entropy", fontsize=10)
@@ -411,6 +398,12 @@ def entropy_figure(report: EntropyReport, title: str | None = None) -> Figure:
     for layer in report.layers:
         values = [h.normalized_mean for h in layer.heads if h.normalized_mean is not None]
         ax_norm.scatter([layer.layer] * len(values), values, s=10, color="#006d2c", zorder=3)
+    # health is judged on the normalised entropy: its thresholds belong on this panel
+    ax_norm.axhline(FOCUSED_BELOW, color=GRAD_COLORS["vanishing"], linestyle=":", linewidth=1,
+                    label=f"< {FOCUSED_BELOW:g} focused")
+    ax_norm.axhline(UNIFORM_ABOVE, color=GRAD_COLORS["exploding"], linestyle=":", linewidth=1,
+                    label=f"> {UNIFORM_ABOVE:g} near-uniform")
+    ax_norm.legend(fontsize=6, loc="lower right")
     ax_norm.set_ylim(0, 1.05)
     ax_norm.set_xlabel("layer")
     ax_norm.set_ylabel("entropy / log(#allowed keys)")
