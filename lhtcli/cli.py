@@ -14,7 +14,7 @@ import typer
 from typer.core import TyperGroup
 
 from lhtcli import __version__
-from lhtcli.commands import demo, entropy, gradcheck, train, visualize
+from lhtcli.commands import demo, docmap, entropy, gradcheck, train, visualize
 from lhtcli.errors import LHTError
 
 HELP = """\
@@ -76,6 +76,7 @@ _COMMANDS = [
     (train.train, "train", "Training", train.TRAIN_EPILOG),
     (visualize.visualize, "visualize", "Inspection", visualize.EPILOG),
     (entropy.entropy, "entropy", "Inspection", entropy.EPILOG),
+    (docmap.docmap, "map", "Inspection", docmap.EPILOG),
     (gradcheck.gradcheck, "gradcheck", "Inspection", gradcheck.EPILOG),
     (demo.demo, "demo", "Getting started", demo.EPILOG),
 ]

@@ -30,7 +30,7 @@ import torch
 from lhtcli.core.mask import MASKED, doc_rule_active, level_enums, pair_level_map, resolve_max_level
 from lhtcli.core.positions import HierarchicalPositions
 
-BLOCK_ROWS = 256
+BLOCK_ROWS = 512
 
 
 @dataclass
@@ -102,9 +102,20 @@ def iter_pair_blocks(
     q64, k64 = q.to(torch.float64), k.to(torch.float64)
     w0 = windows[0]
 
-    def block(rows: torch.Tensor, keys: torch.Tensor, keep) -> PairBlock:
+    real = positions.real_mask
+
+    def band_codes(rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        # level 0 alone: token ordinals are index + 1, so the rule is |q - k| <= w0 between real tokens
+        near = (rows[:, None] - keys[None, :]).abs() <= w0
+        ok = near[None] & real[:, rows, None] & real[:, None, keys]
+        return torch.where(ok, 0, MASKED).to(torch.int8)
+
+    def boundary_codes(rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         codes = pair_level_map(positions, windows, max_level, rows, keys)
-        codes = torch.where(keep(codes), codes, torch.full_like(codes, MASKED))
+        return torch.where(codes > 0, codes, torch.full_like(codes, MASKED))
+
+    def block(rows: torch.Tensor, keys: torch.Tensor, codes_of) -> PairBlock:
+        codes = codes_of(rows, keys)
         owned = (codes != MASKED)[:, :, None, :]  # [B, R, 1, K]
         scores = torch.einsum("brhd,bkhd->brhk", q64[:, rows], k64[:, keys]) * scale
         scores = scores.masked_fill(~owned, float("-inf"))
@@ -116,14 +127,14 @@ def iter_pair_blocks(
         b = min(stop, a + block_rows)
         rows = torch.arange(a, b, device=q.device)
         keys = torch.arange(max(0, a - w0), min(n, b + w0), device=q.device)
-        yield block(rows, keys, lambda c: c == 0)
+        yield block(rows, keys, band_codes)
 
     if max_level == 0 and not doc_rule_active(positions, windows, max_level):
         return
     part = participants(positions, windows, max_level)
     chosen = part[(part >= first) & (part < stop)]
     for a in range(0, chosen.numel(), block_rows):
-        yield block(chosen[a : a + block_rows], part, lambda c: c > 0)
+        yield block(chosen[a : a + block_rows], part, boundary_codes)
 
 
 @dataclass
@@ -162,6 +173,49 @@ def mlswa_pair_stats(
     return PairStats(sink, visible, top, sink_tokens)
 
 
+def _onehot(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distinct ids >= 0, one-hot [len(ids), #distinct] float64) of a 1-D id tensor; -1 rows stay zero."""
+    values, inverse = torch.unique(ids, return_inverse=True)
+    onehot = torch.zeros(ids.numel(), values.numel(), dtype=torch.float64, device=ids.device)
+    onehot[torch.arange(ids.numel(), device=ids.device), inverse] = 1.0
+    keep = values >= 0
+    return values[keep], onehot[:, keep]
+
+
+def pooled_attention_maps(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: HierarchicalPositions,
+    window_size_per_level: Sequence[int],
+    max_level: int | None,
+    unit_sets: Sequence[tuple[torch.Tensor, int]],
+    *,
+    lse: torch.Tensor | None = None,
+    scale: float | None = None,
+    row_range: tuple[int, int] | None = None,
+) -> list[torch.Tensor]:
+    """:func:`pooled_attention` for several unit sets (e.g. sentences and sections) in one pass over the
+    pairs. Within a block the few units it touches are pooled with two small matrix products."""
+    heads = q.shape[2]
+    sums = [torch.zeros(heads, count * count, dtype=torch.float64, device=q.device) for _, count in unit_sets]
+    unit_sets = [(units.to(q.device), count) for units, count in unit_sets]
+    for blk in iter_pair_blocks(
+        q, k, positions, window_size_per_level, max_level, lse=lse, scale=scale, row_range=row_range
+    ):
+        r, kk = blk.rows.numel(), blk.keys.numel()
+        for (units, count), total in zip(unit_sets, sums, strict=True):
+            for b in range(units.shape[0]):
+                uq, oq = _onehot(units[b, blk.rows])
+                uk, ok = _onehot(units[b, blk.keys])
+                if not uq.numel() or not uk.numel():
+                    continue
+                rows_pooled = oq.T @ blk.probs[b].reshape(r, heads * kk)  # [uq, H * K]
+                local = rows_pooled.reshape(-1, heads, kk).transpose(0, 1) @ ok  # [H, uq, uk]
+                flat = (uq[:, None] * count + uk[None, :]).reshape(-1)
+                total.index_add_(1, flat, local.reshape(heads, -1))
+    return [total.reshape(heads, count, count) for total, (_, count) in zip(sums, unit_sets, strict=True)]
+
+
 def pooled_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -180,19 +234,10 @@ def pooled_attention(
     ``units`` [B, N] int64 names each token's unit (0 .. U-1; -1 leaves the token out as query and as
     key). Divide row i by the number of its query tokens for the mean attention of a token of unit i.
     """
-    heads = q.shape[2]
-    sums = torch.zeros(heads, num_units * num_units + 1, dtype=torch.float64, device=q.device)
-    dump = num_units * num_units  # pairs with a left-out end land here and are dropped
-    units = units.to(q.device)
-    for blk in iter_pair_blocks(
-        q, k, positions, window_size_per_level, max_level, lse=lse, scale=scale, row_range=row_range
-    ):
-        uq, uk = units[:, blk.rows], units[:, blk.keys]  # [B, R], [B, K]
-        flat = uq[:, :, None] * num_units + uk[:, None, :]
-        flat = torch.where((uq[:, :, None] < 0) | (uk[:, None, :] < 0), torch.full_like(flat, dump), flat)
-        values = blk.probs.permute(2, 0, 1, 3).reshape(heads, -1)  # [H, B * R * K]
-        sums.index_add_(1, flat.reshape(-1), values)
-    return sums[:, :dump].reshape(heads, num_units, num_units)
+    return pooled_attention_maps(
+        q, k, positions, window_size_per_level, max_level, [(units, num_units)], lse=lse, scale=scale,
+        row_range=row_range,
+    )[0]
 
 
 __all__ = [
@@ -203,4 +248,5 @@ __all__ = [
     "mlswa_pair_stats",
     "participants",
     "pooled_attention",
+    "pooled_attention_maps",
 ]

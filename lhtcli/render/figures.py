@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 
     from lhtcli.core.positions import HierarchicalPositions
     from lhtcli.diagnostics.attention_stats import AttentionMap, EntropyReport
+    from lhtcli.diagnostics.docmap import DocumentMap
     from lhtcli.diagnostics.gradients import GradientReport
+    from lhtcli.diagnostics.reach import Reachability
 
 MASKED_COLOR = "#b0b0b0"  # masked-out pairs: grey, distinct from the near-white of weak attention
 MASKED_HATCH = "////"
@@ -415,9 +417,95 @@ def entropy_figure(report: EntropyReport, title: str | None = None) -> Figure:
     return fig
 
 
+MAP_LABELS_UP_TO = 60  # units whose labels are written on the axes; beyond, every k-th ordinal
+
+
+def _draw_document_map(ax: Any, dmap: DocumentMap) -> Any:
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.colors import LogNorm
+
+    values = dmap.matrix.numpy()
+    positive = values[values > 0]
+    vmin = max(float(positive.min()) if positive.size else 1e-6, 1e-5)
+    vmax = max(float(values.max()), vmin * 10)
+    cmap = colormaps["magma_r"].copy()
+    cmap.set_bad(MASKED_COLOR)  # no allowed pair between the two units (or an exact zero)
+    shown = np.ma.masked_where(values <= 0, values)
+    image = ax.imshow(shown, cmap=cmap, norm=LogNorm(vmin=vmin, vmax=vmax), interpolation="nearest",
+                      aspect="equal")
+    u = values.shape[0]
+    if u <= MAP_LABELS_UP_TO:
+        labels = [_short(label, 18) for label in dmap.labels]
+        size = 7 if u <= 30 else 5
+        ax.set_xticks(range(u), labels, rotation=90, fontsize=size)
+        ax.set_yticks(range(u), labels, fontsize=size)
+    else:
+        step = max(1, math.ceil(u / 20))
+        ticks = list(range(0, u, step))
+        ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=6)
+        ax.set_yticks(ticks, [str(t) for t in ticks], fontsize=6)
+    ax.tick_params(length=0)
+    for p in dmap.sequence_breaks:
+        if p > 0:
+            ax.axvline(p - 0.5, **SECTION_LINE)
+            ax.axhline(p - 0.5, **SECTION_LINE)
+    who = "mean over heads" if dmap.head is None else f"head {dmap.head}"
+    unit = dmap.unit if dmap.unit != "tokens" else "tokens"
+    ax.set_title(
+        f"Layer {dmap.layer}: {unit} x {unit} ({who})\ntokens {dmap.start}-{dmap.stop - 1}, {u} units",
+        fontsize=9,
+    )
+    ax.set_xlabel(f"key {unit[:-1]}", fontsize=8)
+    ax.set_ylabel(f"query {unit[:-1]}", fontsize=8)
+    return image
+
+
+def document_map_figure(maps: Sequence[DocumentMap], title: str | None = None) -> Figure:
+    """Pooled attention maps, one panel per (layer, unit), rows = layers; log colour scale (the diagonal
+    dominates), grey = no allowed pair, red lines = where the model's sequences split the document."""
+    layers = sorted({m.layer for m in maps})
+    units = list(dict.fromkeys(m.unit for m in maps))
+    by_key = {(m.layer, m.unit): m for m in maps}
+    fig = new_figure(5.2 * len(units) + 0.6, 4.8 * len(layers))
+    for r, layer in enumerate(layers):
+        for c, unit in enumerate(units):
+            ax = fig.add_subplot(len(layers), len(units), r * len(units) + c + 1)
+            dmap = by_key.get((layer, unit))
+            if dmap is None:
+                ax.axis("off")
+                continue
+            image = _draw_document_map(ax, dmap)
+            fig.colorbar(image, ax=ax, shrink=0.8, label="mean attention of a query token (log)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def reach_figure(reach: Reachability, title: str | None = None) -> Figure:
+    """For each source, after layer k (rows): the tokens its information can have reached (dark)."""
+    import numpy as np
+
+    sources = reach.sources
+    fig = new_figure(9.0, 1.2 + 1.1 * len(sources) * max(1, len(reach.layers)) ** 0.5)
+    for i, source in enumerate(sources):
+        ax = fig.add_subplot(len(sources), 1, i + 1)
+        grid = np.array([[1.0 if r else 0.0 for r in row] for row in reach.reached[i]])
+        ax.imshow(grid, cmap="Blues", vmin=0, vmax=1.2, aspect="auto", interpolation="nearest")
+        ax.set_yticks(range(len(reach.layers)), [f"after {k + 1}" for k in range(len(reach.layers))], fontsize=6)
+        ax.set_title(f"from token {source} ({reach.labels[i]})", fontsize=8)
+        ax.set_xlabel("token", fontsize=7)
+        ax.tick_params(labelsize=6)
+    fig.suptitle(title or "Reachability: which tokens information from a source can reach after k layers",
+                 fontsize=9)
+    return fig
+
+
 __all__ = [
     "attention_heatmap",
     "close_figure",
+    "document_map_figure",
+    "reach_figure",
     "entropy_figure",
     "gradient_flow_figure",
     "mask_figure",

@@ -12,8 +12,10 @@ from rich.text import Text
 if TYPE_CHECKING:
     from lhtcli.core.positions import HierarchicalPositions
     from lhtcli.diagnostics.attention_stats import EntropyReport, EntropyStats, HeadChange
+    from lhtcli.diagnostics.docmap import DocumentMap
     from lhtcli.diagnostics.gradients import GradientReport
     from lhtcli.diagnostics.predictions import Prediction
+    from lhtcli.diagnostics.reach import Reachability
 
 FOCUSED_STYLE = "bold red"
 DIFFUSE_STYLE = "bold yellow"
@@ -314,12 +316,73 @@ def positions_table(
     return table
 
 
+def reach_table(reach: Reachability, title: str | None = None) -> Table:
+    """After each layer: how many tokens information from each source can have reached (and, in
+    brackets, how many a token window alone would reach)."""
+    table = Table(
+        title=title or "Reachability through the ML-SWA mask",
+        caption=f"tokens (of {reach.num_tokens}) that information from the source can reach after k layers, "
+        "from the mask graph with each layer's max level; (window) = with the token window alone",
+        caption_justify="left",
+    )
+    table.add_column("After", justify="right")
+    table.add_column("Lvl", justify="right")
+    for label, source in zip(reach.labels, reach.sources, strict=True):
+        table.add_column(f"from {source} {_short_label(label)}", justify="right")
+    counts = reach.counts().tolist()
+    window = reach.window_only.tolist()
+    for k, level in enumerate(reach.layers):
+        cells = []
+        for s in range(len(reach.sources)):
+            full = counts[s][k] >= reach.num_tokens
+            text = Text(f"{counts[s][k]:,}", style="green" if full else "")
+            text.append(f" ({window[s][k]:,})", style="dim")
+            cells.append(text)
+        table.add_row(f"{k + 1} layer{'s' if k else ''}", f"≤ {level}", *cells)
+    return table
+
+
+def _short_label(label: str, width: int = 10) -> str:
+    return label if len(label) <= width else label[: width - 1] + "…"
+
+
+def document_map_table(maps: Sequence[DocumentMap], title: str | None = None) -> Table:
+    """Per layer and unit: where a token's attention goes (own unit, adjacent, farther, [DOC]) and the
+    strongest long-range link."""
+    table = Table(
+        title=title or "Where attention goes in the document",
+        caption="token-weighted shares of attention: own sentence/section, the adjacent ones, farther ones, "
+        "the [DOC] node(s); top link = strongest attention between units at least 2 apart",
+        caption_justify="left",
+    )
+    for name in ("Layer", "Unit", "Units", "Own", "Adjacent", "Farther", "[DOC]"):
+        table.add_column(name, justify="right" if name not in ("Unit",) else "left", no_wrap=True)
+    table.add_column("Top long-range link", overflow="fold")
+    for m in maps:
+        share = m.summary()
+        links = m.top_links(1)
+        top = "–" if not links else f"{m.labels[links[0][0]]} → {m.labels[links[0][1]]} ({100 * links[0][2]:.2f}%)"
+        table.add_row(
+            str(m.layer),
+            m.unit,
+            str(len(m.labels)),
+            _pct(share["own"]),
+            _pct(share["adjacent"]),
+            _pct(share["farther"]),
+            _pct(share["doc"]),
+            top,
+        )
+    return table
+
+
 __all__ = [
     "comparison_table",
+    "document_map_table",
     "entropy_legend",
     "entropy_table",
     "gradient_table",
     "hierarchy_table",
     "positions_table",
     "prediction_table",
+    "reach_table",
 ]
