@@ -202,7 +202,8 @@ def test_gradient_report_and_flow_chart(setup, tmp_path):
     assert report.total_norm > 0
     kinds = {g.kind for g in report.groups()}
     assert kinds == {"embeddings", "attention", "mlp", "norms", "head"}
-    assert all(p.kind != "embeddings" for p in report.flow())
+    flow = report.flow()
+    assert flow[0].kind == "embeddings" and {p.name for p in flow} == {p.name for p in report.params}
     assert any(p.kind == "embeddings" for p in report.params)
     assert_png(save_figure(gradient_flow_figure(report), tmp_path / "flow.png"))
 

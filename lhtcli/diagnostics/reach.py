@@ -75,7 +75,7 @@ class Reachability:
 def _spread(reached: torch.Tensor, plan) -> torch.Tensor:
     """One layer: [N, S] bool -> [N, S] bool (a row is reached when any allowed key is)."""
     n, s = reached.shape
-    zeros = torch.zeros(1, 1, n, 1, dtype=torch.float64, device=reached.device)
+    zeros = torch.zeros(1, 1, n, s, dtype=torch.float64, device=reached.device)  # all scores 0
     values = reached.to(torch.float64)[None, None]  # [1, 1, N, S]
     share = compact_attention(zeros, zeros, values, plan, scale=1.0).out[0, 0]
     return reached | (share > 0)

@@ -276,14 +276,20 @@ def mask_figure(
 
 
 def _param_label(name: str) -> str:
-    for prefix in ("blocks.", "layers."):
-        if name.startswith(prefix):
-            name = name[len(prefix) :]
-    return name.replace(".weight", ".w").replace(".bias", ".b")
+    """The name without its ``blocks.N.`` prefix (the layer is the group label above the bars)."""
+    import re
+
+    return re.sub(r"^(?:blocks|layers|h)\.\d+\.", "", name)
+
+
+def _flow_group(p: Any) -> str:
+    if p.layer is not None:
+        return f"layer {p.layer}"
+    return "embeddings" if p.kind == "embeddings" else "output"
 
 
 def gradient_flow_figure(report: GradientReport, title: str | None = None) -> Figure:
-    """Log-scale gradient L2 norm per parameter (embeddings excluded), grouped by layer.
+    """Log-scale gradient L2 norm per parameter, grouped: embeddings, each layer, output (final norm, head).
 
     Blue: normal; red: vanishing (< 1e-5); orange: exploding (> 10). Zero, missing and non-finite
     gradients are drawn at a floor value with a marker instead of being dropped.
@@ -299,7 +305,9 @@ def gradient_flow_figure(report: GradientReport, title: str | None = None) -> Fi
     positive = [p.norm for p in params if p.norm is not None and math.isfinite(p.norm) and p.norm > 0]
     floor = min([VANISHING_BELOW / 100, *(v / 10 for v in positive)])
     top = max([EXPLODING_ABOVE * 10, *(v * 3 for v in positive)])
-    fig = new_figure(min(max(6.0, 0.22 * len(params) + 2.0), 30.0), 5.0)
+    longest = max(len(_param_label(p.name)) for p in params)
+    # bars wide enough for a 7-point label each, and room below the axis for the longest one
+    fig = new_figure(min(max(6.0, 0.2 * len(params) + 2.0), 40.0), 3.6 + 0.075 * longest)
     ax = fig.add_subplot(1, 1, 1)
     xs = list(range(len(params)))
     heights, colors, markers = [], [], []
@@ -329,7 +337,7 @@ def gradient_flow_figure(report: GradientReport, title: str | None = None) -> Fi
     # group separators and labels per layer
     groups: list[tuple[str, int, int]] = []
     for x, p in zip(xs, params, strict=True):
-        key = f"layer {p.layer}" if p.layer is not None else p.kind
+        key = _flow_group(p)
         if groups and groups[-1][0] == key:
             groups[-1] = (key, groups[-1][1], x)
         else:
@@ -346,7 +354,7 @@ def gradient_flow_figure(report: GradientReport, title: str | None = None) -> Fi
             va="bottom",
             fontsize=7,
         )
-    ax.set_xticks(xs, [_param_label(p.name) for p in params], rotation=90, fontsize=6)
+    ax.set_xticks(xs, [_param_label(p.name) for p in params], rotation=90, fontsize=7)
     ax.set_xlim(-0.6, len(params) - 0.4)
     ax.set_ylabel("gradient L2 norm (log)")
     ax.set_title(title or f"Gradient flow (total norm {report.total_norm:.3g})", fontsize=10, pad=14)

@@ -259,6 +259,29 @@ def gradient_table(report: GradientReport, per_parameter: bool = False, title: s
     return table
 
 
+def gradient_comparison_table(rows: Sequence[dict], labels: tuple[str, str], title: str | None = None) -> Table:
+    """Per group: gradient norm in A and B and the ratio B/A (a ratio far from 1 is highlighted)."""
+    a, b = labels
+    table = Table(title=title or f"Gradient norms: {a} -> {b}",
+                  caption="ratio = B / A; below 0.1 red (shrinking), above 10 orange (growing)",
+                  caption_justify="left")
+    for name in ("Group", "Norm A", "Norm B", "Ratio", "Status B"):
+        table.add_column(name, justify="left" if name in ("Group", "Status B") else "right")
+    for row in rows:
+        ratio = row["ratio"]
+        style = "" if ratio is None else (VANISHING_STYLE if ratio < 0.1 else (EXPLODING_STYLE if ratio > 10 else ""))
+        status = Text("ok", style="green") if not row["problems_after"] else Text(
+            ", ".join(row["problems_after"]), style=VANISHING_STYLE)
+        table.add_row(
+            row["label"],
+            "–" if row["before"] is None else f"{row['before']:.3e}",
+            f"{row['after']:.3e}",
+            Text("–" if ratio is None else f"{ratio:.2f}x", style=style),
+            status,
+        )
+    return table
+
+
 def prediction_table(predictions: Sequence[Prediction], title: str | None = None) -> Table:
     """Columns ``Sample, Position, Original, Masked, Top-5 Predictions, Correct``."""
     from lhtcli.diagnostics.predictions import PREDICTION_COLUMNS
@@ -380,6 +403,7 @@ __all__ = [
     "document_map_table",
     "entropy_legend",
     "entropy_table",
+    "gradient_comparison_table",
     "gradient_table",
     "hierarchy_table",
     "positions_table",
