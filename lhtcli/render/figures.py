@@ -437,8 +437,7 @@ def _draw_document_map(ax: Any, dmap: DocumentMap) -> Any:
     positive = values[values > 0]
     vmin = max(float(positive.min()) if positive.size else 1e-6, 1e-5)
     vmax = max(float(values.max()), vmin * 10)
-    cmap = colormaps["magma_r"].copy()
-    cmap.set_bad(MASKED_COLOR)  # no allowed pair between the two units (or an exact zero)
+    cmap = colormaps["magma_r"].with_extremes(bad=MASKED_COLOR)  # no allowed pair between the two units
     shown = np.ma.masked_where(values <= 0, values)
     image = ax.imshow(shown, cmap=cmap, norm=LogNorm(vmin=vmin, vmax=vmax), interpolation="nearest",
                       aspect="equal")
