@@ -109,7 +109,7 @@ def visualize(
     length = int(batch.positions.real_mask[0].sum())
     if start >= length:
         raise LHTError(f"--start {start}: the first sequence has only {length} tokens")
-    first = batch.positions.batched()[0:1].cpu()
+    first = batch.positions.batched()[0:1].to("cpu")
     sources = list(reach_from) if reach_from else default_sources(first)
     if any(s >= length for s in sources):
         raise LHTError(f"--reach-from: the first sequence has only {length} tokens (0-{length - 1})")
