@@ -107,6 +107,7 @@ def entropy(
         }
         data.update(report.to_json(per_head=True))
         data["warnings"] = warnings
+        data["flagged_heads"] = [{"layer": lay, "head": h, "flag": f} for lay, h, f in report.flagged_heads()]
         typer.echo(json.dumps(data))
         return
     console.print(f"model: {loaded.source}")
@@ -117,8 +118,13 @@ def entropy(
     for line in warnings:
         style = "red" if "collapse" in line else "yellow"
         console.print(f"[{style}]⚠ {line}[/{style}]")
+    heads = [f"layer {lay} head {h} ({flag})" for lay, h, flag in report.flagged_heads()]
+    if heads:
+        console.print(
+            f"[dim]marked heads (▼/▲ in --per-head; a specialised head can be healthy): {', '.join(heads)}[/dim]"
+        )
     if not warnings:
-        console.print("[green]✓[/green] no layer or head is focused on one key or near-uniform")
+        console.print("[green]✓[/green] no layer is focused on one key or near-uniform")
     if path is not None:
         console.print(f"[green]✓[/green] entropy chart saved to {path}")
 

@@ -186,7 +186,12 @@ class EntropyReport:
         return values
 
     def warnings(self, random_weights: bool = False) -> list[str]:
-        """One line per layer whose normalised entropy is flagged, and per head flagged in an unflagged layer."""
+        """One line per layer whose pooled normalised entropy is flagged.
+
+        A single head that is focused (a previous-token or sink head) or near-uniform (an averaging
+        head) can be a healthy specialisation, so heads are marked in the per-head table, not alarmed;
+        a whole layer focused or near-uniform is not (and a head's sharp fall is, see
+        :func:`collapse_warnings`)."""
         lines = []
         hint = " (expected for random weights)" if random_weights else ""
         for layer in self.layers:
@@ -196,14 +201,16 @@ class EntropyReport:
                     f"layer {layer.layer}: normalised attention entropy {layer.stats.normalized_mean:.3f} "
                     f"({layer.stats.mean:.2f} nats), {FLAG_TEXT[flag]}{hint}"
                 )
-                continue
-            for h, head in enumerate(layer.heads):
-                if head.flag is not None:
-                    lines.append(
-                        f"layer {layer.layer} head {h}: normalised attention entropy {head.normalized_mean:.3f} "
-                        f"({head.mean:.2f} nats), {FLAG_TEXT[head.flag]}{hint}"
-                    )
         return lines
+
+    def flagged_heads(self) -> list[tuple[int, int, str]]:
+        """(layer, head, flag) of every head whose normalised entropy is flagged (informational)."""
+        return [
+            (layer.layer, h, head.flag)
+            for layer in self.layers
+            for h, head in enumerate(layer.heads)
+            if head.flag is not None
+        ]
 
 
 @dataclass
