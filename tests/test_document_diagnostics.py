@@ -205,3 +205,17 @@ def test_entropy_and_gradcheck_compare_two_checkpoints(tiny, tmp_path, capsys): 
         assert_png(tmp_path / path.split("/")[-1])
     code, _, err = run_main(["entropy", str(sharp), str(sharp), str(sharp)], capsys)
     assert code == 2 and "one or two checkpoints" in err
+
+
+def test_capture_map_equals_the_document_map_of_one_sequence():
+    from lhtcli.diagnostics.docmap import capture_map
+
+    model = tiny_model(max_seq_len=64)
+    sequences = build_sequences([[[5, 6, 7], [8, 9, 10, 11]], [[12, 13], [14, 15, 16]]], 64, doc_token_id=2)
+    layout = DocumentLayout.build(sequences, str)
+    expected = document_maps(model, layout, 0, ["sentences"], [2], batch_size=1)[(2, "sentences")]
+    seq = sequences[0]
+    cap = capture_attention(model, torch.tensor([seq.input_ids]), seq.positions.batched())[2]
+    got = capture_map(cap, seq.positions, WINDOWS, [str(t) for t in seq.input_ids])
+    torch.testing.assert_close(got.matrix, expected.matrix, rtol=1e-12, atol=1e-14)
+    assert got.labels == expected.labels

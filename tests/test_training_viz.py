@@ -96,9 +96,12 @@ def test_log_records_every_artifact_and_restores_train_mode():
     assert model.training
     assert plt.get_fignums() == []
     figures = [c[1] for c in logger.calls if c[0] == "figure"]
-    assert figures == ["attention/layer_0", "gradients/flow"]
+    assert figures == ["attention/layer_0", "attention/document_map", "attention/reachability", "gradients/flow"]
+    viz.log(20, model, batch, norms)  # the reachability chart depends on the mask alone: logged once
+    later = [c[1] for c in logger.calls if c[0] == "figure"][len(figures):]
+    assert later == ["attention/layer_0", "attention/document_map", "gradients/flow"]
     tables = [c for c in logger.calls if c[0] == "table"]
-    assert len(tables) == 1
+    assert len(tables) == 2
     _, tag, columns, rows, step = tables[0]
     assert tag == "predictions/step_10" and step == 10
     assert columns == ["Sample", "Position", "Original", "Masked", "Top-5 Predictions", "Correct"]

@@ -255,4 +255,32 @@ def document_maps(
     return result
 
 
-__all__ = ["UNITS", "DocumentLayout", "DocumentMap", "document_maps"]
+def capture_map(
+    capture: Any,
+    positions: Any,
+    window_size_per_level: Sequence[int],
+    tokens: Sequence[str],
+    unit: str = "sentences",
+    sample: int = 0,
+) -> DocumentMap:
+    """The map of one sequence of a batch from a layer capture (what training logs; no forward pass)."""
+    from lhtcli.core.positions import TokenizedSequence
+
+    one = positions.batched()[sample : sample + 1]
+    n = int(one.real_mask.sum())
+    trimmed = one.__class__([e[:, :n] for e in one.level_enums], one.has_doc_token)
+    seq = TokenizedSequence(list(range(n)), trimmed[0])
+    layout = DocumentLayout.build([seq], lambda i: str(tokens[i]) if i < len(tokens) else str(i))
+    per_seq, starts, labels, _ = layout.unit_ids(unit)
+    units = torch.tensor([per_seq[0]], dtype=torch.long, device=capture.q.device)
+    q, k = capture.q[sample : sample + 1, :n], capture.k[sample : sample + 1, :n]
+    pooled = pooled_attention_maps(q, k, trimmed.to(q.device), window_size_per_level, capture.max_level,
+                                   [(units, len(starts))])[0].cpu()
+    counts = torch.bincount(units[0].cpu(), minlength=len(starts)).tolist()
+    per_head = pooled / torch.tensor(counts, dtype=torch.float64).clamp(min=1)[None, :, None]
+    doc_units = [i for i, label in enumerate(labels) if label == "[DOC]"]
+    return DocumentMap(capture.layer, None, unit, 0, n, labels, starts, [0], counts, per_head.mean(0), per_head,
+                       doc_units)
+
+
+__all__ = ["UNITS", "DocumentLayout", "DocumentMap", "capture_map", "document_maps"]

@@ -7,7 +7,9 @@ The training loop calls, on a due step::
     visualizer.log(step, model, batch, norms)
 
 ``log`` runs one extra forward pass in eval mode without gradients (restoring train mode) and logs
-to the run's logger: the layer-0 heatmap ``attention/layer_0``, the MLM prediction table
+to the run's logger: the layer-0 heatmap ``attention/layer_0``, the last layer's attention pooled to
+sentence x sentence ``attention/document_map``, the reachability chart ``attention/reachability``
+(once: it depends on the mask alone), the MLM prediction table
 ``predictions/step_{N}``, the gradient-flow chart ``gradients/flow`` and the entropy scalars
 (``attention/entropy_*``, ``attention_entropy/layer_{i}_*`` including ``_normalized``,
 ``attention/level_mass_{l}``), and per layer the hierarchy usage ``hierarchy_usage/layer_{i}_{level}``
@@ -34,8 +36,10 @@ from lhtcli.diagnostics.attention_stats import (
     collapse_warnings,
     compare_reports,
 )
+from lhtcli.diagnostics.docmap import capture_map
 from lhtcli.diagnostics.gradients import report_from_norms
 from lhtcli.diagnostics.predictions import PREDICTION_COLUMNS, mlm_predictions, prediction_rows, token_namer
+from lhtcli.diagnostics.reach import default_sources, reachability
 
 HEATMAP_TOKENS = 60
 PREDICTION_SAMPLES = 4
@@ -59,6 +63,7 @@ class TrainingVisualizer:
         self.console = console or Console(stderr=True)
         self._name = token_namer(tokenizer)
         self._previous: tuple[EntropyReport, int] | None = None  # the last logged report, for the trend
+        self._reach_logged = False
 
     def start_message(self) -> str:
         return f"✓ Visualization callbacks enabled (logging every {self.every} steps)"
@@ -90,7 +95,13 @@ class TrainingVisualizer:
     def log(
         self, step: int, model: torch.nn.Module, batch: Any, grad_norms: dict[str, float | None] | None
     ) -> None:
-        from lhtcli.render.figures import attention_heatmap, close_figure, gradient_flow_figure
+        from lhtcli.render.figures import (
+            attention_heatmap,
+            close_figure,
+            document_map_figure,
+            gradient_flow_figure,
+            reach_figure,
+        )
 
         was_training = model.training
         model.eval()
@@ -109,6 +120,25 @@ class TrainingVisualizer:
             self.logger.log_figure("attention/layer_0", fig, step)
         finally:
             close_figure(fig)
+
+        # the last layer's attention pooled to sentences: does it reach beyond its own sentence?
+        top = out.captures[-1]
+        dmap = capture_map(top, positions, self.windows, tokens, "sentences")
+        fig = document_map_figure([dmap], title=f"Layer {top.layer} attention between sentences, step {step}")
+        try:
+            self.logger.log_figure("attention/document_map", fig, step)
+        finally:
+            close_figure(fig)
+        if not self._reach_logged:  # the mask graph does not change during training: once is enough
+            self._reach_logged = True
+            one = positions[0:1].to("cpu")
+            sources = default_sources(one)
+            reach = reachability(one, self.windows, [c.max_level for c in out.captures], sources)
+            fig = reach_figure(reach)
+            try:
+                self.logger.log_figure("attention/reachability", fig, step)
+            finally:
+                close_figure(fig)
 
         predictions = mlm_predictions(
             out.mlm_logits, batch.labels, batch.input_ids, self.tokenizer, max_samples=PREDICTION_SAMPLES
