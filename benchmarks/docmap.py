@@ -56,7 +56,11 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--windows", default="256,64,16;32,8,4", help="';'-separated window sets")
     parser.add_argument("--spread", type=float, default=0.5, help="std of q and k entries")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (1 is steadier on a machine shared with other jobs)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     n, heads, d = args.seq_len, args.heads, args.head_dim
     positions = realistic_positions(n)
     sentence_units, num_sentences = unit_ids(positions, 1)
