@@ -312,6 +312,13 @@ def test_entropy_table_fits_an_80_column_terminal(setup, per_head: bool):
     assert ("Head" in header) == per_head
     assert all(len(line) <= 80 for line in lines)
     assert "…" not in "\n".join(lines)  # nothing truncated
+    console = Console(record=True, width=80)
+    console.print(hierarchy_table(report, per_head=per_head))
+    lines = console.export_text().splitlines()
+    header = next(line for line in lines if "Sink %" in line)
+    for name in ("sent links", "sent used", "sec links", "sec used", "Logit"):
+        assert name in header, (name, header)
+    assert all(len(line) <= 80 for line in lines) and "…" not in "\n".join(lines)
 
 
 def test_figures_work_with_wandb_image():

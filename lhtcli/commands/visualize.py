@@ -79,7 +79,10 @@ def visualize(
 
     Tokens on both axes, sentence and section boundaries drawn, masked-out pairs distinct from weak attention.
 
-    Works on a trained --checkpoint, or on random weights from --config.
+    Also tabulates reachability: how many tokens information from [DOC] or --reach-from tokens can reach
+    after 1, 2, ... layers through the mask (each layer's max level), next to a token window alone.
+
+    Works on a trained --checkpoint, or on random weights from --config. For a whole document, see lht map.
     """
     import json
 
