@@ -186,8 +186,18 @@ def document_maps(
         if off < stop and off + len(seq.input_ids) > start
     ]
     num_heads = model.cfg.n_heads
+    # only the units with a token in range get a row and a column (a token map of a 2k span of a long
+    # document stays [H, 2k, 2k]); the others are renumbered -1
+    shown: dict[str, list[int]] = {}
+    remap: dict[str, torch.Tensor] = {}
+    for u in units:
+        unit_starts = plans[u][1]
+        ends = unit_starts[1:] + [layout.num_tokens]
+        shown[u] = [i for i, (a, e) in enumerate(zip(unit_starts, ends, strict=True)) if a < stop and e > start]
+        remap[u] = torch.full((len(unit_starts),), -1, dtype=torch.long)
+        remap[u][torch.tensor(shown[u], dtype=torch.long)] = torch.arange(len(shown[u]))
     sums = {
-        (layer, u): torch.zeros(num_heads, len(plans[u][1]), len(plans[u][1]), dtype=torch.float64)
+        (layer, u): torch.zeros(num_heads, len(shown[u]), len(shown[u]), dtype=torch.float64)
         for layer in layers for u in units
     }
     for b in range(0, len(chosen), batch_size):
@@ -202,10 +212,10 @@ def document_maps(
             unit_ids = torch.full((len(group), n), -1, dtype=torch.long)
             for row, s in enumerate(group):
                 off, length = layout.offsets[s], len(layout.sequences[s].input_ids)
-                ids_s = torch.tensor(per_seq[s], dtype=torch.long)
+                ids_s = remap[u][torch.tensor(per_seq[s], dtype=torch.long)]
                 index = torch.arange(off, off + length)
                 unit_ids[row, :length] = torch.where((index >= start) & (index < stop), ids_s, -1)
-            unit_sets.append((unit_ids.to(device), len(plans[u][1])))
+            unit_sets.append((unit_ids.to(device), len(shown[u])))
         # queries and keys outside the range carry unit -1; with one sequence, skip its rows outright
         first = layout.offsets[group[0]]
         row_range = (0, n) if len(group) > 1 else (max(0, start - first), min(n, stop - first))
@@ -225,16 +235,14 @@ def document_maps(
     result = {}
     for u in units:
         _, unit_starts, labels, owners = plans[u]
-        # the units with a token in range, and their query counts there
         ends = unit_starts[1:] + [layout.num_tokens]
-        shown = [i for i, (a, e) in enumerate(zip(unit_starts, ends, strict=True)) if a < stop and e > start]
-        counts = [min(ends[i], stop) - max(unit_starts[i], start) for i in shown]
-        breaks = [p for p, i in enumerate(shown) if p == 0 or owners[i] != owners[shown[p - 1]]]
-        doc_units = [p for p, i in enumerate(shown) if labels[i] == "[DOC]"]
-        sel = torch.tensor(shown, dtype=torch.long)
+        picked = shown[u]
+        counts = [min(ends[i], stop) - max(unit_starts[i], start) for i in picked]  # query tokens in range
+        breaks = [p for p, i in enumerate(picked) if p == 0 or owners[i] != owners[picked[p - 1]]]
+        doc_units = [p for p, i in enumerate(picked) if labels[i] == "[DOC]"]
         q_counts = torch.tensor(counts, dtype=torch.float64).clamp(min=1)
         for layer in layers:
-            heads_sum = sums[(layer, u)][:, sel][:, :, sel]
+            heads_sum = sums[(layer, u)]
             if head is not None:
                 heads_sum = heads_sum[:1]
             per_head = heads_sum / q_counts[None, :, None]
@@ -244,8 +252,8 @@ def document_maps(
                 u,
                 start,
                 stop,
-                [labels[i] for i in shown],
-                [unit_starts[i] for i in shown],
+                [labels[i] for i in picked],
+                [unit_starts[i] for i in picked],
                 breaks,
                 counts,
                 per_head.mean(0),

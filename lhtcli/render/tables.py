@@ -384,7 +384,10 @@ def document_map_table(maps: Sequence[DocumentMap], title: str | None = None) ->
     for m in maps:
         share = m.summary()
         links = m.top_links(1)
-        top = "–" if not links else f"{m.labels[links[0][0]]} → {m.labels[links[0][1]]} ({100 * links[0][2]:.2f}%)"
+        top = "–" if not links else (
+            f"{_short_label(m.labels[links[0][0]], 16)} → {_short_label(m.labels[links[0][1]], 16)} "
+            f"({100 * links[0][2]:.2f}%)"
+        )
         table.add_row(
             str(m.layer),
             m.unit,
