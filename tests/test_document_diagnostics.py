@@ -68,6 +68,8 @@ def test_hierarchy_usage_sinks_and_logits_match_dense():
                 if linked.any():
                     usage = (p * (codes == level)).sum(-1)[linked].mean()
                     assert head.hierarchy_usage[level] == pytest.approx(float(usage), rel=1e-9)
+                    share = ((codes == level).sum(-1).double() / (codes != MASKED).sum(-1).clamp(min=1))[linked].mean()
+                    assert head.hierarchy_uniform[level] == pytest.approx(float(share), rel=1e-9)
                 else:
                     assert head.hierarchy_usage[level] is None
             visible = ((codes[..., :SINK_TOKENS] != MASKED).any(-1)) & real
@@ -78,6 +80,8 @@ def test_hierarchy_usage_sinks_and_logits_match_dense():
             assert head.max_logit == pytest.approx(float(top), rel=1e-6)
     scalars = report.scalars()
     assert "hierarchy_usage/layer_2_sections" in scalars and "attention_sinks/layer_0" in scalars
+    usage, base = report.layers[2].stats.hierarchy_usage[2], report.layers[2].stats.hierarchy_uniform[2]
+    assert scalars["hierarchy_usage/layer_2_sections_vs_uniform"] == pytest.approx(usage / base)
     assert "hierarchy_usage/layer_0_sentences" not in scalars  # layer 0 has no sentence links
 
 
@@ -184,7 +188,7 @@ def test_map_command_json_zoom_and_errors(tiny, tmp_path, capsys):  # noqa: F811
 
 def test_entropy_and_gradcheck_compare_two_checkpoints(tiny, tmp_path, capsys):  # noqa: F811
     sharp = make_checkpoint(tmp_path / "sharp", scale=8.0, name="tiny_diag")  # same tokenizer, peaked attention
-    args = ["entropy", str(tiny["checkpoint"]), str(sharp), "--json"]
+    args = ["entropy", str(tiny["checkpoint"]), str(sharp), "--json", "-o", str(tmp_path / "cmp.png")]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
@@ -192,6 +196,7 @@ def test_entropy_and_gradcheck_compare_two_checkpoints(tiny, tmp_path, capsys): 
     layers = [c for c in data["changes"] if c["head"] is None]
     assert len(layers) == 2 and all(c["collapsed"] for c in layers)
     assert any("fell from" in w for w in data["warnings"])
+    assert_png(tmp_path / "cmp.png")
     first = layers[0]["normalized_mean"]
     assert first["delta"] == pytest.approx(first["after"] - first["before"])
     table = runner.invoke(app, ["entropy", str(tiny["checkpoint"]), str(sharp), "--per-head"])

@@ -84,7 +84,7 @@ def entropy(
     if len(paths) > 2:
         raise ConfigError(f"give one or two checkpoints to compare, got {len(paths)}")
     if len(paths) == 2:
-        _compare(paths, config, set_, document, batches, per_head, json_, device, console)
+        _compare(paths, config, set_, document, batches, per_head, json_, device, console, output)
         return
     doc = read_document(document)[1] if document is not None else None
     loaded = load_model(paths[0] if paths else None, config, set_, device.value if device else None, document=doc)
@@ -129,7 +129,7 @@ def entropy(
         console.print(f"[green]✓[/green] entropy chart saved to {path}")
 
 
-def _compare(paths, config, set_, document, batches, per_head, json_, device, console) -> None:
+def _compare(paths, config, set_, document, batches, per_head, json_, device, console, output) -> None:
     """``lht entropy A B``: both reports on A's text (B's tokenizer must match), then per layer/head deltas."""
     import json
 
@@ -164,6 +164,11 @@ def _compare(paths, config, set_, document, batches, per_head, json_, device, co
     labels = (f"A (step {models[0].step})", f"B (step {models[1].step})")
     warnings = collapse_warnings(changes, labels[0], labels[1])
     warnings += [f"B: {line}" for line in reports[1].warnings()]
+    path = None
+    if output is not None:
+        from lhtcli.render.figures import entropy_comparison_figure, save_figure
+
+        path = save_figure(entropy_comparison_figure(reports[0], reports[1], labels), output)
     if json_:
         data = {
             "a": {"model": models[0].source, "step": models[0].step, **reports[0].to_json(per_head=True)},
@@ -172,6 +177,7 @@ def _compare(paths, config, set_, document, batches, per_head, json_, device, co
             "batches": len(source.batches),
             "changes": [c.to_json() for c in changes],
             "warnings": warnings,
+            "figure": str(path) if path else None,
         }
         typer.echo(json.dumps(data))
         return
@@ -183,3 +189,5 @@ def _compare(paths, config, set_, document, batches, per_head, json_, device, co
         console.print(f"[red]⚠ {line}[/red]", highlight=False)
     if not warnings:
         console.print("[green]✓[/green] no collapse between A and B, and no alarm on B")
+    if path is not None:
+        console.print(f"[green]✓[/green] comparison chart saved to {path}")

@@ -96,6 +96,8 @@ class EntropyStats:
     max_logit: float | None = None
     hierarchy_usage: list[float | None] = field(default_factory=list)  # per level, over linked rows
     linked_queries: list[int] = field(default_factory=list)  # per level: rows with such a link
+    # per level, over the same rows: the share uniform attention would give those links (#links / #keys)
+    hierarchy_uniform: list[float | None] = field(default_factory=list)
 
     @property
     def flag(self) -> str | None:
@@ -115,6 +117,7 @@ class EntropyStats:
             "max_logit": self.max_logit,
             "hierarchy_usage": list(self.hierarchy_usage),
             "linked_queries": list(self.linked_queries),
+            "hierarchy_uniform": list(self.hierarchy_uniform),
         }
 
 
@@ -181,6 +184,9 @@ class EntropyReport:
                 usage = layer.stats.hierarchy_usage[level] if level < len(layer.stats.hierarchy_usage) else None
                 if usage is not None:
                     values[f"hierarchy_usage/layer_{i}_{level_name(level)}"] = usage
+                    base = layer.stats.hierarchy_uniform[level]
+                    if base:  # > 1: the layer prefers these links over what uniform attention gives them
+                        values[f"hierarchy_usage/layer_{i}_{level_name(level)}_vs_uniform"] = usage / base
         for level, mass in enumerate(self.overall.level_mass):
             values[f"attention/level_mass_{level}"] = mass
         return values
@@ -290,11 +296,13 @@ class _Moments:
     top_logit: float = -math.inf
     usage_total: list[float] = field(default_factory=list)
     usage_count: list[int] = field(default_factory=list)
+    uniform_total: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.mass = self.mass or [0.0] * self.num_levels
         self.usage_total = self.usage_total or [0.0] * self.num_levels
         self.usage_count = self.usage_count or [0] * self.num_levels
+        self.uniform_total = self.uniform_total or [0.0] * self.num_levels
 
     def add(
         self,
@@ -302,13 +310,14 @@ class _Moments:
         normalized: torch.Tensor,
         mass: torch.Tensor,
         linked: torch.Tensor | None = None,
+        uniform: torch.Tensor | None = None,
         sink: torch.Tensor | None = None,
         sink_visible: torch.Tensor | None = None,
         max_logit: torch.Tensor | None = None,
     ) -> None:
         """entropy [R], normalised [R] (NaN = excluded), mass [R, L] of real rows; optionally ``linked``
-        [R, L] bool (the row has a link of that level), sink mass [R] with its visibility [R] bool, and
-        the rows' max logits [R]."""
+        [R, L] bool (the row has a link of that level) with ``uniform`` [R, L] (the share of the row's keys
+        each level adds), sink mass [R] with its visibility [R] bool, and the rows' max logits [R]."""
         if entropy.numel() == 0:
             return
         self.count += entropy.numel()
@@ -324,6 +333,9 @@ class _Moments:
             used = torch.where(linked, mass, torch.zeros_like(mass)).sum(0).tolist()
             self.usage_total = [a + b for a, b in zip(self.usage_total, used, strict=True)]
             self.usage_count = [a + int(b) for a, b in zip(self.usage_count, linked.sum(0).tolist(), strict=True)]
+            if uniform is not None:
+                base = torch.where(linked, uniform, torch.zeros_like(uniform)).sum(0).tolist()
+                self.uniform_total = [a + b for a, b in zip(self.uniform_total, base, strict=True)]
         if sink is not None and sink_visible is not None:
             self.sink_total += float(sink[sink_visible].sum())
             self.sink_count += int(sink_visible.sum())
@@ -344,6 +356,7 @@ class _Moments:
         self.top_logit = max(self.top_logit, other.top_logit)
         self.usage_total = [a + b for a, b in zip(self.usage_total, other.usage_total, strict=True)]
         self.usage_count = [a + b for a, b in zip(self.usage_count, other.usage_count, strict=True)]
+        self.uniform_total = [a + b for a, b in zip(self.uniform_total, other.uniform_total, strict=True)]
 
     def stats(self) -> EntropyStats:
         if self.count == 0:
@@ -366,6 +379,7 @@ class _Moments:
             max_logit=self.top_logit if math.isfinite(self.top_logit) else None,
             hierarchy_usage=usage,
             linked_queries=list(self.usage_count),
+            hierarchy_uniform=[t / c if c else None for t, c in zip(self.uniform_total, self.usage_count, strict=True)],
         )
 
 
@@ -403,7 +417,9 @@ class EntropyAccumulator:
             self._max_level[cap.layer] = cap.max_level
             entropy, normalized, mass = stats.entropy[real], stats.normalized_entropy[real], stats.level_mass[real]
             assert stats.level_key_counts is not None
-            linked = stats.level_key_counts[real] > 0  # [R, L]
+            level_counts = stats.level_key_counts[real].to(torch.float64)  # [R, L]
+            linked = level_counts > 0
+            uniform = level_counts / stats.key_counts[real].to(torch.float64).clamp(min=1)[:, None]
             sink = visible = top = None
             if self.pair_stats:
                 pair = mlswa_pair_stats(
@@ -416,6 +432,7 @@ class EntropyAccumulator:
                     normalized[:, h],
                     mass[:, h],
                     linked,
+                    uniform,
                     None if sink is None else sink[:, h],
                     visible,
                     None if top is None else top[:, h],

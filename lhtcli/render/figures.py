@@ -425,6 +425,46 @@ def entropy_figure(report: EntropyReport, title: str | None = None) -> Figure:
     return fig
 
 
+def entropy_comparison_figure(
+    before: EntropyReport, after: EntropyReport, labels: tuple[str, str], title: str | None = None
+) -> Figure:
+    """Two checkpoints side by side per layer: normalised entropy (bars, heads as dots) and hierarchy usage
+    of the highest level with links (of the queries that have such links, the share through them)."""
+    from lhtcli.diagnostics.attention_stats import FOCUSED_BELOW, UNIFORM_ABOVE
+
+    fig = new_figure(max(7.0, 1.2 * len(after.layers) + 4.0), 3.8)
+    ax_norm = fig.add_subplot(1, 2, 1)
+    ax_use = fig.add_subplot(1, 2, 2)
+    colors = ("#9ecae1", "#fd8d3c")
+    width = 0.38
+    for i, (report, label) in enumerate(((before, labels[0]), (after, labels[1]))):
+        xs = [layer.layer + (i - 0.5) * width for layer in report.layers]
+        norm = [layer.stats.normalized_mean or 0.0 for layer in report.layers]
+        ax_norm.bar(xs, norm, width=width, color=colors[i], edgecolor="#555555", label=label)
+        for x, layer in zip(xs, report.layers, strict=True):
+            heads = [h.normalized_mean for h in layer.heads if h.normalized_mean is not None]
+            ax_norm.scatter([x] * len(heads), heads, s=8, color="#222222", zorder=3)
+        usage = []
+        for layer in report.layers:
+            used = [u for u in layer.stats.hierarchy_usage[1:] if u is not None]
+            usage.append(100 * used[-1] if used else 0.0)
+        ax_use.bar(xs, usage, width=width, color=colors[i], edgecolor="#555555", label=label)
+    ax_norm.axhline(FOCUSED_BELOW, color=GRAD_COLORS["vanishing"], linestyle=":", linewidth=1)
+    ax_norm.axhline(UNIFORM_ABOVE, color=GRAD_COLORS["exploding"], linestyle=":", linewidth=1)
+    ax_norm.set_ylim(0, 1.05)
+    ax_norm.set_ylabel("entropy / log(#allowed keys)")
+    ax_norm.set_title("Normalised entropy (dots: heads)", fontsize=10)
+    ax_use.set_ylabel("% of linked queries' attention")
+    ax_use.set_title("Hierarchy usage (highest level with links)", fontsize=10)
+    for ax in (ax_norm, ax_use):
+        ax.set_xlabel("layer")
+        ax.set_xticks([layer.layer for layer in after.layers])
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
 MAP_LABELS_UP_TO = 60  # units whose labels are written on the axes; beyond, every k-th ordinal
 
 
@@ -512,6 +552,7 @@ __all__ = [
     "attention_heatmap",
     "close_figure",
     "document_map_figure",
+    "entropy_comparison_figure",
     "reach_figure",
     "entropy_figure",
     "gradient_flow_figure",

@@ -114,7 +114,8 @@ def hierarchy_table(report: EntropyReport, per_head: bool = False, title: str | 
 
     caption = (
         "links % = real queries that have links of that level (sentence starts; section starts and [DOC]); "
-        "used % = of those queries, the share of attention through those links; "
+        "used % = of those queries, the share of attention through those links (in brackets: the share uniform "
+        "attention over the same keys would give); "
         f"Sink % = attention on the first {SINK_TOKENS} tokens ([DOC] included) of queries that can see them; "
         "Logit = largest q.k/sqrt(d) over allowed pairs"
     )
@@ -136,8 +137,10 @@ def hierarchy_table(report: EntropyReport, per_head: bool = False, title: str | 
         for level in range(1, report.num_levels):
             linked = stats.linked_queries[level] if level < len(stats.linked_queries) else 0
             usage = stats.hierarchy_usage[level] if level < len(stats.hierarchy_usage) else None
+            base = stats.hierarchy_uniform[level] if level < len(stats.hierarchy_uniform) else None
             share = linked / stats.num_queries if stats.num_queries else None
-            out += [_pct(share), _pct(usage)]
+            used = _pct(usage) if usage is None or base is None else f"{_pct(usage)} ({100 * base:.0f})"
+            out += [_pct(share), used]
         return [*out, _pct(stats.sink_share), _num(stats.max_logit, 2)]
 
     for layer in report.layers:
