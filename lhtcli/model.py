@@ -23,12 +23,18 @@ from lhtcli.core.positions import HierarchicalPositions
 
 @dataclass
 class LayerCapture:
-    """What a diagnostic needs from one layer: rotated queries and keys, [B, H, N, D]."""
+    """What a diagnostic needs from one layer: rotated queries and keys, [B, N, H, D] (token-major, the
+    layout of the probes in :mod:`lhtcli.core.probing`)."""
 
     layer: int
     max_level: int
     q: torch.Tensor
     k: torch.Tensor
+
+    @classmethod
+    def of(cls, attn: MLSWASelfAttention, q: torch.Tensor, k: torch.Tensor) -> LayerCapture:
+        """The capture of ``attn``'s head-major [B, H, N, D] q and k (as the attention reads them)."""
+        return cls(attn.layer, attn.max_level, q.detach().transpose(1, 2), k.detach().transpose(1, 2))
 
 
 @dataclass
@@ -92,7 +98,7 @@ class MLSWASelfAttention(nn.Module):
         if rotation is not None:
             q, k = apply_rotary(q, rotation), apply_rotary(k, rotation)
         if captures is not None:
-            captures.append(LayerCapture(self.layer, self.max_level, q.detach(), k.detach()))
+            captures.append(LayerCapture.of(self, q, k))
         y = context.attend(q, k, v, self.max_level)  # ML-SWA: exact softmax attention over the allowed keys
         y = y.transpose(1, 2).reshape(batch, n, d_model)
         return self.dropout(self.proj(y))

@@ -89,7 +89,7 @@ def attention_forward(
     batch, n, d_model = x.shape
     q, k, v = attention_inputs(x, attn.qkv, attn.n_heads, rotation)
     if captures is not None:
-        captures.append(LayerCapture(attn.layer, attn.max_level, q.detach(), k.detach()))
+        captures.append(LayerCapture.of(attn, q, k))
     out = context.attend(q, k, v, attn.max_level)
     out = out.transpose(1, 2).reshape(batch, n, d_model)
     if rows is not None:
