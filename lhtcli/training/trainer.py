@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 import signal
 import time
 from contextlib import nullcontext
@@ -34,7 +33,9 @@ from lhtcli.training.metrics import MetricsFile, evaluate_sums, metrics_from_sum
 from lhtcli.training.optimizer import build_adamw, keep_fused
 from lhtcli.training.preflight import check_disk_space, check_output_dirs
 from lhtcli.training.progress import TrainingDisplay
+from lhtcli.training.rng import restore_rng, rng_state, seed_everything
 from lhtcli.training.schedule import apply_lr
+from lhtcli.training.stopping import Interrupted, StopRequest
 
 
 class TrainingStopped(LHTError):
@@ -92,66 +93,12 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any] | None) -> None:
-    if not state:
-        return
-    torch.set_rng_state(state["torch"])
-    python_state = state["python"]
-    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def autocast_for(device: torch.device, precision: str):
     """bf16/fp16 autocast on CUDA; CPU trains in fp32 whatever the config says (DESIGN.md)."""
     if device.type != "cuda" or precision == "none":
         return nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast("cuda", dtype=dtype)
-
-
-class _StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints and exits 130/143."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopRequest:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. inside some test runners)
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-class Interrupted(LHTError):
-    def __init__(self, signum: int, checkpoint: Path | None) -> None:
-        where = f"; checkpoint saved to {checkpoint}" if checkpoint else ""
-        super().__init__(f"training interrupted by {signal.Signals(signum).name}{where} (resume with --resume auto)")
-        self.exit_code = 128 + signum
 
 
 def _load_resume(cfg: LHTConfig, resume: str | None, warn=None) -> Checkpoint | None:
@@ -345,7 +292,7 @@ class Trainer:
         loop = _LoopState(TrainingSummary(steps=self.start_step, train_loss=None))
         self.invocation_start = loop.started
         try:
-            with _StopRequest() as stop, display.progress(self.start_step, self.tcfg.num_steps) as progress:
+            with StopRequest() as stop, display.progress(self.start_step, self.tcfg.num_steps) as progress:
                 for step in range(self.start_step + 1, self.tcfg.num_steps + 1):
                     outcome = self.train_step(step, stop, loop)
                     if outcome.updated:
@@ -370,7 +317,7 @@ class Trainer:
             self.console.print(self.visualizer.start_message())
         self.logger.log_config(self.cfg.to_dict())
 
-    def train_step(self, step: int, stop: _StopRequest, loop: _LoopState) -> _StepOutcome:
+    def train_step(self, step: int, stop: StopRequest, loop: _LoopState) -> _StepOutcome:
         """Forward/backward over the micro-batches, then clip and update, unless the loss or the gradient
         norm is NaN/Inf: then the update is skipped (and too many such steps in a row end the run)."""
         self.model.train()
@@ -401,7 +348,7 @@ class Trainer:
         outcome.updated = True
         return outcome
 
-    def _agree(self, step: int, loss_sum: float, tokens: int, stop: _StopRequest, started: float,
+    def _agree(self, step: int, loss_sum: float, tokens: int, stop: StopRequest, started: float,
                batch: Any) -> _StepOutcome:
         """One collective per step keeps every rank's decisions (skip, stop) and, through the mean elapsed
         time, its learning rate identical."""
@@ -460,7 +407,7 @@ class Trainer:
             loop.best_val = val["loss"]
             loop.summary.best_checkpoint = self.ckpt_dir / f"checkpoint-{step}.ckpt"
 
-    def _checkpoint_or_stop(self, outcome: _StepOutcome, loop: _LoopState, stop: _StopRequest) -> bool:
+    def _checkpoint_or_stop(self, outcome: _StepOutcome, loop: _LoopState, stop: StopRequest) -> bool:
         """Checkpoint when due (every ``save_every`` updates and the last) and always before stopping; a
         signal ends the run with :class:`Interrupted`, the time limit by returning True. A skipped update
         is no checkpoint of its own, but never swallows a stop."""
