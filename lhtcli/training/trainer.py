@@ -69,7 +69,7 @@ class _LoopState:
 
 @dataclass
 class _StepOutcome:
-    """One step as every rank agrees on it (losses and tokens summed over ranks, flags OR-ed)."""
+    """One step as every rank agrees on it (the loss averaged over ranks, tokens summed, flags OR-ed)."""
 
     step: int
     loss: float
