@@ -106,7 +106,7 @@ class LockUnsupported(OSError):
     """flock is not available on the cache's filesystem (some network filesystems)."""
 
 
-class BuildLock:
+class OwnedLock:
     """An exclusive, non-blocking flock on ``path``; the kernel releases it when the owner dies."""
 
     def __init__(self, path: Path) -> None:

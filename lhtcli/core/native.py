@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from lhtcli.core import kernel_cache
-from lhtcli.core.kernel_cache import BuildLock, LockUnsupported
+from lhtcli.core.kernel_cache import LockUnsupported, OwnedLock
 
 _SOURCES = [
     Path(__file__).with_name(name)
@@ -100,6 +100,7 @@ def cache_dir() -> Path:
 # the fault-injection tests kill builds many times in seconds; the module's hash name follows the sources.
 TEST_SOURCES_ENV = "_LHT_KERNEL_TEST_SOURCES"
 BUILDING_MESSAGE = "building the ML-SWA CPU kernel (once per machine, under a minute)"
+STAND_IN_REASON = f"only a test stand-in module was built ({TEST_SOURCES_ENV})"
 Report = Callable[..., None]  # report(message, waiting=False): what a slow step is doing now
 
 
@@ -282,7 +283,7 @@ def _obtain(name: str, report: Report, force: bool = False, verbose: bool = Fals
     cache = cache_dir()
     wait_s = kernel_cache.env_seconds("LHT_KERNEL_WAIT", 300.0)
     deadline = time.monotonic() + wait_s
-    lock = BuildLock(kernel_cache.lock_path(cache, name))
+    lock = OwnedLock(kernel_cache.lock_path(cache, name))
     announced = None
     while True:
         if not force and _is_complete(name):
@@ -351,7 +352,7 @@ def _load(report: Report, force: bool = False, verbose: bool = False) -> tuple[A
     except Exception as exc:  # no compiler, no ninja, a read-only cache, a build that never ends elsewhere
         return None, _describe_failure(exc)
     if os.environ.get(TEST_SOURCES_ENV):
-        return None, f"only a test stand-in module was built ({TEST_SOURCES_ENV})"
+        return None, STAND_IN_REASON
     return module, None
 
 
@@ -380,7 +381,7 @@ def build(report: Report, force: bool = False, verbose: bool = False) -> str | N
         _STATE.clear()
         module, reason = _load(report, force=force, verbose=verbose)
         _STATE["module"], _STATE["reason"] = module, reason
-    return reason
+    return None if reason == STAND_IN_REASON else reason
 
 
 @contextlib.contextmanager
@@ -445,7 +446,8 @@ def inventory() -> dict[str, Any]:
     info["library"] = str(library) if complete else None
     info["size_bytes"] = library.stat().st_size if complete else None
     meta = kernel_cache.build_info(cache, name) if complete else {}
-    info["built_at"], info["build_seconds"] = meta.get("built_at"), meta.get("build_seconds")
+    info["built_at"] = meta.get("built_at") or (library.stat().st_mtime if complete else None)
+    info["build_seconds"] = meta.get("build_seconds")
     info["torch"] = meta.get("torch")
     locks = []
     for path in kernel_cache.lock_files(cache):
@@ -477,7 +479,7 @@ def clean() -> tuple[list[Path], list[str]]:
     removed: list[Path] = []
     kept: list[str] = []
     for path in kernel_cache.lock_files(cache):
-        lock = BuildLock(path)
+        lock = OwnedLock(path)
         try:
             taken = lock.try_acquire()
         except OSError:
