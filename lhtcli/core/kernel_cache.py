@@ -23,6 +23,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -231,10 +232,32 @@ def remove_tree(path: Path, attempts: int = 10) -> bool:
     return not path.exists()
 
 
+def processes_in(directory: Path) -> list[int]:
+    """This user's processes whose working directory is ``directory`` (torch runs ninja there, and the
+    compilers inherit it); other users' processes are not visible and not counted."""
+    target, found = str(directory.resolve()), []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{entry.name}/cwd") == target:
+                        found.append(int(entry.name))
+    return found
+
+
 def remove_abandoned_temp_dirs(cache: Path) -> list[Path]:
+    """Remove temporary directories of dead builds, first stopping the compilers a killed build orphaned
+    there (they would otherwise compete for the CPU with the build that replaces it for up to a minute)."""
     removed = []
     for path in temp_dirs(cache):
-        if temp_dir_abandoned(path) and remove_tree(path, attempts=2):
+        if not temp_dir_abandoned(path):
+            continue
+        owner = temp_dir_owner(path)
+        if owner is not None and owner.gone():
+            for pid in processes_in(path):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGTERM)
+        if remove_tree(path, attempts=5):
             removed.append(path)
     return removed
 
@@ -251,14 +274,7 @@ def legacy_build_running(build: Path) -> bool:
             return True
     except OSError:
         return False
-    target = str(build.resolve())
-    with contextlib.suppress(OSError):
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit():
-                with contextlib.suppress(OSError):
-                    if os.readlink(f"/proc/{entry.name}/cwd") == target:
-                        return True
-    return False
+    return bool(processes_in(build))
 
 
 def has_stale_legacy_lock(build: Path) -> bool:

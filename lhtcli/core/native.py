@@ -320,11 +320,11 @@ def _obtain(name: str, report: Report, force: bool = False, verbose: bool = Fals
                 return _compile(name, report, None, verbose)
             who = owner.describe() if owner is not None else "pid unknown"
         if time.monotonic() >= deadline:
-            raise _WaitedTooLong(f"another lht process ({who}) was still building it after {wait_s:.0f} s; "
+            raise _WaitedTooLong(f"another lht process ({who}) was still building it after {wait_s:g} s; "
                                  "raise LHT_KERNEL_WAIT to wait longer")
         if who != announced:
             report(f"another lht process is building the kernel ({who}), waiting… "
-                   f"(up to {wait_s:.0f} s, LHT_KERNEL_WAIT)", waiting=True)
+                   f"(up to {wait_s:g} s, LHT_KERNEL_WAIT)", waiting=True)
             announced = who
         time.sleep(0.2)
 
@@ -491,11 +491,9 @@ def clean() -> tuple[list[Path], list[str]]:
             state = kernel_cache.probe_lock(path)
             who = state.owner.describe() if state is not None and state.owner else "another process"
             kept.append(f"{path} (a build by {who} is running)")
+    removed += kernel_cache.remove_abandoned_temp_dirs(cache)
     for path in kernel_cache.temp_dirs(cache):
-        if kernel_cache.temp_dir_abandoned(path):
-            if kernel_cache.remove_tree(path, attempts=3):
-                removed.append(path)
-        else:
+        if not kernel_cache.temp_dir_abandoned(path):
             owner = kernel_cache.temp_dir_owner(path)
             kept.append(f"{path} (build in progress by {owner.describe() if owner else 'another process'})")
     import shutil
