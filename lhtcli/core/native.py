@@ -387,14 +387,21 @@ def build(report: Report, force: bool = False, verbose: bool = False) -> str | N
 @contextlib.contextmanager
 def _status_reporter(status) -> Iterator[Report]:
     """A report callback that shows each message in ``status(message)`` (e.g. Rich's ``console.status``),
-    updating the open one where it can. Where that console is quiet, waiting is still said on stderr."""
-    quiet = bool(getattr(getattr(status, "__self__", None), "quiet", False))
+    updating the open one where it can. Where that console cannot animate (a log file, a pipe) the
+    messages are printed as lines instead; where it is quiet, waiting is still said on stderr."""
+    console = getattr(status, "__self__", None)
+    quiet = bool(getattr(console, "quiet", False))
+    plain = console is not None and not getattr(console, "is_terminal", True)
     with contextlib.ExitStack() as stack:
         shown: dict[str, Any] = {}
 
         def report(message: str, waiting: bool = False) -> None:
-            if waiting and quiet:
+            if quiet:
                 _report_waits_to_stderr(message, waiting)
+                return
+            if plain:
+                console.print(message, highlight=False, soft_wrap=True)
+                return
             current = shown.get("status")
             if current is not None and hasattr(current, "update"):
                 current.update(message)
