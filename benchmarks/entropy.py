@@ -3,7 +3,7 @@
     python benchmarks/entropy.py                          # 12 layers, 12 heads, N=8192, windows [256, 64, 16]
     python benchmarks/entropy.py --seq-len 4096 --layers 4
 
-For each layer it takes that layer's rotated queries and keys ([1, H, N, 64], the shapes a
+For each layer it takes that layer's rotated queries and keys ([1, N, H, 64], the shapes a
 ``capture=True`` forward of ``configs/pretrain_hierarchical.yaml`` records) and computes, in float64,
 the entropy, allowed-key count and per-level attention mass of every query row
 (``lhtcli.core.probing.mlswa_row_stats``, sharing one plan across layers as ``lht entropy`` does).
@@ -34,17 +34,17 @@ from lhtcli.core.probing import mlswa_attention_probs, mlswa_row_stats  # noqa: 
 
 def layer_qk(layer: int, heads: int, n: int, d: int, spread: float) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1000 + layer)
-    q = torch.randn(1, heads, n, d, generator=gen) * spread
-    k = torch.randn(1, heads, n, d, generator=gen) * spread
+    q = torch.randn(1, n, heads, d, generator=gen) * spread
+    k = torch.randn(1, n, heads, d, generator=gen) * spread
     return q, k
 
 
 def reference_check(q, k, positions, windows, rows: int = 64) -> float:
     """Max |entropy - dense float64 entropy| over the first ``rows`` query rows of one layer."""
     probs = mlswa_attention_probs(q.double(), k.double(), positions, windows, rows=list(range(rows)))
-    dense = -(probs * torch.where(probs > 0, probs.log(), torch.zeros_like(probs))).sum(-1)
+    dense = -(probs * torch.where(probs > 0, probs.log(), torch.zeros_like(probs))).sum(-1)  # [B, R, H]
     stats = mlswa_row_stats(q, k, positions, windows)
-    return float((stats.entropy[:, :, :rows] - dense).abs().max())
+    return float((stats.entropy[:, :rows] - dense).abs().max())
 
 
 def main() -> None:

@@ -20,7 +20,8 @@ from lhtcli.core.positions import HierarchicalPositions
 
 @dataclass
 class LayerCapture:
-    """What a diagnostic needs from one layer: rotated queries and keys, [B, H, N, D]."""
+    """What a diagnostic needs from one layer: rotated queries and keys, [B, N, H, D] (token-major, the
+    layout of the probes in :mod:`lhtcli.core.probing`)."""
 
     layer: int
     max_level: int
@@ -391,7 +392,9 @@ class MLSWASelfAttention(nn.Module):
         batch, n, d_model = x.shape
         q, k, v = attention_inputs(x, self.qkv, self.n_heads, None if rotary is None else rotary[:, 0])
         if captures is not None:
-            captures.append(LayerCapture(self.layer, self.max_level, q.detach(), k.detach()))
+            captures.append(
+                LayerCapture(self.layer, self.max_level, q.detach().transpose(1, 2), k.detach().transpose(1, 2))
+            )
         out = context.attend(q, k, v, self.max_level)
         out = out.transpose(1, 2).reshape(batch, n, d_model)
         if rows is not None:

@@ -75,6 +75,7 @@ def assert_png(path):
 
 
 def dense_entropy(q, k, positions, max_level):
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # captures are [B, N, H, D]
     mask = mlswa_dense_mask(positions, WINDOWS, max_level)
     scores = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
     scores = scores.masked_fill(~mask[:, None], float("-inf"))
@@ -156,7 +157,7 @@ def test_attention_map_matches_probes(setup):
     cap = captures[2]
     amap = attention_map(cap, positions, WINDOWS, [f"w{i}" for i in range(40)], start=2, max_tokens=10)
     full = mlswa_attention_probs(cap.q[:1], cap.k[:1], positions[0:1], WINDOWS, cap.max_level)
-    torch.testing.assert_close(amap.probs, full[0].mean(0)[2:12, 2:12].float())
+    torch.testing.assert_close(amap.probs, full[0].mean(1)[2:12, 2:12].float())  # [R, H, N]
     assert amap.tokens[0] == "w2" and len(amap.tokens) == 10
     assert (amap.probs[amap.levels < 0] == 0).all()
     one_head = attention_map(cap, positions, WINDOWS, head=1, sample=1, max_tokens=500)

@@ -78,7 +78,7 @@ def test_capture_returns_rotated_q_k_per_layer_only_on_request():
     captures = model(ids, batch, capture=True).captures
     assert [c.layer for c in captures] == [0, 1, 2]
     assert [c.max_level for c in captures] == [0, 1, 2]
-    assert captures[0].q.shape == (2, 4, batch.seq_len, 8)
+    assert captures[0].q.shape == (2, batch.seq_len, 4, 8)  # [B, N, H, D]
 
 
 def test_parameter_count_and_weight_tying():

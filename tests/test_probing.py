@@ -29,7 +29,9 @@ def random_batch(seed: int, doc_token: bool, batch: int = 3) -> HierarchicalPosi
 
 
 def dense_reference(q, k, positions, windows, max_level):
-    """float64 probabilities, entropy and per-level mass from the dense pair-level map."""
+    """float64 probabilities [B, R, H, N], entropy [B, N, H] and per-level mass [B, N, H, L] from the dense
+    pair-level map; q and k are [B, N, H, D] like the probes'."""
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
     levels = pair_level_map(positions, windows, max_level).long()  # [B, N, N]
     allowed = levels != MASKED
     scores = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
@@ -42,7 +44,7 @@ def dense_reference(q, k, positions, windows, max_level):
     top = len(windows) - 1
     codes = torch.where(levels == DOC_LINK, torch.full_like(levels, top), levels)
     mass = torch.stack([(probs * (codes == lvl)[:, None]).sum(-1) for lvl in range(len(windows))], -1)
-    return probs, entropy, allowed.sum(-1), mass
+    return probs.transpose(1, 2), entropy.transpose(1, 2), allowed.sum(-1), mass.transpose(1, 2)
 
 
 CASES = [
@@ -58,14 +60,14 @@ def test_probes_match_dense_reference(windows, max_level, doc):
     positions = random_batch(seed=len(windows) * 10 + max_level * 2 + doc, doc_token=doc)
     b, n = positions.batch_size, positions.seq_len
     gen = torch.Generator().manual_seed(7)
-    q = torch.randn(b, 2, n, 8, generator=gen, dtype=torch.float64) * 2
-    k = torch.randn(b, 2, n, 8, generator=gen, dtype=torch.float64) * 2
+    q = torch.randn(b, n, 2, 8, generator=gen, dtype=torch.float64) * 2
+    k = torch.randn(b, n, 2, 8, generator=gen, dtype=torch.float64) * 2
     probs_ref, entropy_ref, counts_ref, mass_ref = dense_reference(q, k, positions, windows, max_level)
     real = positions.real_mask
 
     probs = mlswa_attention_probs(q, k, positions, windows, max_level)
     torch.testing.assert_close(probs, probs_ref, rtol=1e-10, atol=1e-12)
-    row_real = real[:, None].expand(b, 2, n)
+    row_real = real[:, :, None].expand(b, n, 2)
     sums = probs.sum(-1)[row_real]
     torch.testing.assert_close(sums, torch.ones_like(sums))
     assert (probs[~row_real] == 0).all()
@@ -85,15 +87,15 @@ def test_chosen_rows_and_float32_inputs():
     positions = random_batch(seed=3, doc_token=True, batch=2)
     b, n = positions.batch_size, positions.seq_len
     gen = torch.Generator().manual_seed(11)
-    q = torch.randn(b, 3, n, 4, generator=gen)
-    k = torch.randn(b, 3, n, 4, generator=gen)
+    q = torch.randn(b, n, 3, 4, generator=gen)
+    k = torch.randn(b, n, 3, 4, generator=gen)
     windows = [2, 1, 1]
     rows = torch.tensor([0, 5, n - 1])
     full = mlswa_attention_probs(q, k, positions, windows)
     chosen = mlswa_attention_probs(q, k, positions, windows, rows=rows)
     assert chosen.dtype == torch.float32
-    assert chosen.shape == (b, 3, 3, n)
-    torch.testing.assert_close(chosen, full[:, :, rows])
+    assert chosen.shape == (b, 3, 3, n)  # [B, R, H, N]
+    torch.testing.assert_close(chosen, full[:, rows])
     # float32 inputs, float64 maths: entropy near zero stays accurate
     probs_ref, entropy_ref, _, _ = dense_reference(q, k, positions, windows, 2)
     entropy, _ = mlswa_attention_entropy(q, k, positions, windows)
@@ -105,7 +107,7 @@ def test_peaked_rows_keep_entropy_digits():
     """Nearly one-hot rows: small entropies keep their digits (absolute error at float64 rounding)."""
     positions = positions_from_lengths([[6, 6]]).batched()
     n = positions.seq_len
-    k = torch.randn(1, 1, n, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    k = torch.randn(1, n, 1, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     q = k * 30.0  # each query prefers its own key by a wide margin
     _, entropy_ref, _, _ = dense_reference(q, k, positions, [3, 1, 1], 2)
     entropy, _ = mlswa_attention_entropy(q, k, positions, [3, 1, 1])
@@ -116,29 +118,29 @@ def test_peaked_rows_keep_entropy_digits():
 def test_row_stats_normalised_entropy_and_single_key_rows():
     # window 0 at every level and no [DOC]: each token sees only itself -> count 1 -> NaN normalised
     positions = positions_from_lengths([[2, 1]], doc_token=False).batched()
-    q = torch.randn(1, 1, positions.seq_len, 4, generator=torch.Generator().manual_seed(6))
+    q = torch.randn(1, positions.seq_len, 1, 4, generator=torch.Generator().manual_seed(6))
     stats = mlswa_row_stats(q, q, positions, [0, 0, 0])
     assert stats.key_counts.tolist() == [[1, 1, 1]]
     assert torch.all(stats.entropy == 0)
     assert torch.isnan(stats.normalized_entropy).all()
     # uniform attention: normalised entropy is 1
     positions = positions_from_lengths([[5]], doc_token=True).batched()
-    zeros = torch.zeros(1, 2, positions.seq_len, 4)
+    zeros = torch.zeros(1, positions.seq_len, 2, 4)
     stats = mlswa_row_stats(zeros, zeros, positions, [8, 1, 1])
-    torch.testing.assert_close(stats.normalized_entropy, torch.ones(1, 2, 6, dtype=torch.float64))
+    torch.testing.assert_close(stats.normalized_entropy, torch.ones(1, 6, 2, dtype=torch.float64))
 
 
 def test_size_limit_and_bad_arguments(monkeypatch):
     import lhtcli.core.probing as probing
 
     positions = positions_from_lengths([[4, 4]]).batched()
-    q = torch.randn(1, 2, positions.seq_len, 4, generator=torch.Generator().manual_seed(7))
+    q = torch.randn(1, positions.seq_len, 2, 4, generator=torch.Generator().manual_seed(7))
     monkeypatch.setattr(probing, "MAX_PROB_ELEMENTS", 10)
     with pytest.raises(ValueError, match="select fewer query rows"):
         mlswa_attention_probs(q, q, positions, [2, 1, 1])
     with pytest.raises(ValueError, match="rows must be"):
         mlswa_attention_probs(q, q, positions, [2, 1, 1], rows=[99])
-    with pytest.raises(ValueError, match="head-major"):
+    with pytest.raises(ValueError, match=r"\[B, N, H, D\]"):
         mlswa_attention_entropy(q[0], q[0], positions, [2, 1, 1])
     with pytest.raises(ValueError, match="max_level"):
         mlswa_level_mass(q, q, positions, [2, 1, 1], max_level=3)
@@ -161,13 +163,14 @@ def test_flash_statistics_path_equals_the_explicit_one(doc: bool, max_level: int
     b, n = positions.batch_size, positions.seq_len
     gen = torch.Generator().manual_seed(3)
     q, k = (torch.randn(b, 2, n, 8, generator=gen, dtype=torch.float64) * 2 for _ in range(2))
-    fast = flash_compact_result(q, k, k, plan, collect_levels=True)
+    fast = flash_compact_result(q, k, k, plan, collect_levels=True)  # the kernels are head-major
     slow = compact_attention(q, k, k, plan, collect_levels=True)
     torch.testing.assert_close(fast.out, slow.out, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fast.lse, slow.lse, rtol=1e-12, atol=1e-12)
     assert fast.level_lse is not None and slow.level_lse is not None
     for got, want in zip(fast.level_lse, slow.level_lse, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # the probes are token-major
     _, entropy_ref, _, mass_ref = dense_reference(q, k, positions, windows, max_level)
     stats = mlswa_row_stats(q, k, positions, windows, max_level, plan=plan)
     torch.testing.assert_close(stats.entropy, entropy_ref, rtol=1e-9, atol=1e-10)

@@ -1,4 +1,8 @@
-"""Core of lht: hierarchical positions and exact ML-SWA attention."""
+"""Core of lht: hierarchical positions and exact ML-SWA attention.
+
+Every public attention function here takes token-major ``[B, N, H, D]`` tensors (see the layout
+note in :mod:`lhtcli.core.attention`).
+"""
 
 from lhtcli.core.attention import (
     AttentionResult,

@@ -25,6 +25,14 @@ Backends (``model.mlswa.backend``):
 * ``auto`` - dense up to a crossover length, compact above: :data:`DENSE_AUTO_MAX_LEN` tokens for
   wide token windows, less for narrow ones (see :func:`dense_crossover`).
 
+Tensor layout: every public attention function of :mod:`lhtcli.core` takes and returns token-major
+tensors, ``q, k, v: [B, N, H, D]`` (batch, tokens, heads, head size): :func:`mlswa_attention` and
+the probes of :mod:`lhtcli.core.probing` (``mlswa_attention_probs`` -> ``[B, R, H, N]``,
+``mlswa_row_stats`` / ``mlswa_attention_entropy`` -> ``[B, N, H]``, ``mlswa_level_mass`` ->
+``[B, N, H, L]``), and the model's ``LayerCapture.q`` / ``.k``. The token axis always comes before
+the head axis. The kernels below (:func:`compact_attention`, :func:`fast_compact_attention`,
+:class:`MLSWAContext`) are head-major ``[B, H, N, D]`` building blocks, not the public API.
+
 Plans (indices and band masks) depend only on the document structure: :class:`MLSWAContext` builds
 one per batch and ``max_level`` and shares it across layers and heads.
 

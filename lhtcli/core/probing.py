@@ -4,16 +4,17 @@ The training forward never materialises attention weights. These probes recomput
 diagnostic needs from a layer's (rotated) queries and keys, exactly and in float64:
 
 * :func:`mlswa_attention_probs` — the masked softmax probabilities of chosen query rows,
-  ``p_qk = exp(scale * q.k - lse_q)`` on allowed keys, zero elsewhere ([B, H, R, N]);
+  ``p_qk = exp(scale * q.k - lse_q)`` on allowed keys, zero elsewhere ([B, R, H, N]);
 * :func:`mlswa_attention_entropy` — the entropy of every row with memory linear in N:
   ``H(q) = lse(q) - scale * q . (sum_k p_qk k)``, i.e. one extra attention pass with the keys as
   values (float32 would cancel digits when H is near 0, hence float64);
 * :func:`mlswa_level_mass` — the share of each row's probability that arrives through the pairs each
   level adds (``exp(level_lse - lse)``; the ``[DOC]`` links count in the top level).
 
-All take head-major tensors ``q, k: [B, H, N, D]`` and batched or single
-:class:`~lhtcli.core.positions.HierarchicalPositions`. Padding rows give probability 0, entropy 0,
-key count 0 and level mass 0 (never NaN).
+All take ``q, k: [B, N, H, D]`` (the layout of every public attention function, see
+:mod:`lhtcli.core.attention`) and batched or single :class:`~lhtcli.core.positions.HierarchicalPositions`;
+per-row results keep the token axis before the head axis (``[B, N, H]``, ``[B, N, H, L]``). Padding
+rows give probability 0, entropy 0, key count 0 and level mass 0 (never NaN).
 """
 
 from __future__ import annotations
@@ -41,14 +42,14 @@ MAX_PROB_ELEMENTS = 64 * 1024 * 1024  # B * H * R * N above this is refused (512
 class AttentionRowStats:
     """Per-row attention statistics of one layer, all float64 except ``key_counts``."""
 
-    entropy: torch.Tensor  # [B, H, N] nats; 0 on padding
+    entropy: torch.Tensor  # [B, N, H] nats; 0 on padding
     key_counts: torch.Tensor  # [B, N] int64: allowed keys per query; 0 on padding
-    level_mass: torch.Tensor  # [B, H, N, L] share per level (L = number of windows); 0 on padding
+    level_mass: torch.Tensor  # [B, N, H, L] share per level (L = number of windows); 0 on padding
 
     @property
     def normalized_entropy(self) -> torch.Tensor:
-        """entropy / log(#allowed keys), [B, H, N]; NaN where a row has fewer than 2 allowed keys."""
-        counts = self.key_counts[:, None, :].to(self.entropy.dtype)
+        """entropy / log(#allowed keys), [B, N, H]; NaN where a row has fewer than 2 allowed keys."""
+        counts = self.key_counts[:, :, None].to(self.entropy.dtype)
         valid = counts >= 2
         denom = torch.where(valid, torch.log(counts.clamp(min=2)), torch.ones_like(counts))
         return torch.where(valid, self.entropy / denom, torch.full_like(self.entropy, float("nan")))
@@ -57,14 +58,14 @@ class AttentionRowStats:
 def _check_qk(q: torch.Tensor, k: torch.Tensor, positions: HierarchicalPositions) -> HierarchicalPositions:
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(
-            "q and k must be head-major [B, H, N, D] tensors of one shape, "
+            "q and k must be [B, N, H, D] tensors of one shape, "
             f"got {tuple(q.shape)} and {tuple(k.shape)}"
         )
     positions = positions.batched()
-    if positions.batch_size != q.shape[0] or positions.seq_len != q.shape[2]:
+    if positions.batch_size != q.shape[0] or positions.seq_len != q.shape[1]:
         raise ValueError(
             f"positions are [B={positions.batch_size}, N={positions.seq_len}] but q is "
-            f"[B={q.shape[0]}, N={q.shape[2]}]"
+            f"[B={q.shape[0]}, N={q.shape[1]}]"
         )
     return positions.to(q.device)
 
@@ -87,7 +88,7 @@ def mlswa_attention_probs(
     *,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Exact ML-SWA attention probabilities [B, H, R, N] of the query ``rows`` (all rows when None).
+    """Exact ML-SWA attention probabilities [B, R, H, N] of the query ``rows`` (all rows when None).
 
     Zero outside the mask; every real row sums to 1; padding rows are all zero. Computed in float64
     and returned in float64 for float64 inputs, float32 otherwise. Refuses (ValueError) when
@@ -96,7 +97,7 @@ def mlswa_attention_probs(
     positions = _check_qk(q, k, positions)
     windows = [int(w) for w in window_size_per_level]
     max_level = resolve_max_level(windows, max_level)
-    batch, heads, n, _ = q.shape
+    batch, n, heads, _ = q.shape
     if rows is None:
         row_index = torch.arange(n, device=q.device)
     else:
@@ -111,15 +112,15 @@ def mlswa_attention_probs(
             "or use mlswa_attention_entropy for statistics of every row"
         )
     mask = mlswa_dense_mask(positions, windows, max_level, rows=row_index)  # [B, R, N]
-    q64 = q[:, :, row_index].to(torch.float64)
-    k64 = k.to(torch.float64)
+    q64 = q[:, row_index].to(torch.float64).transpose(1, 2)  # [B, H, R, D]
+    k64 = k.to(torch.float64).transpose(1, 2)
     scores = torch.matmul(q64, k64.transpose(-1, -2)) * _scale(q, scale)  # [B, H, R, N]
     scores = scores.masked_fill(~mask[:, None], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     empty = ~torch.isfinite(lse)
     probs = torch.exp(scores - torch.where(empty, torch.zeros_like(lse), lse))
     probs = torch.where(mask[:, None], probs, torch.zeros_like(probs))
-    return probs.to(_result_dtype(q))
+    return probs.transpose(1, 2).to(_result_dtype(q))
 
 
 def _allowed_key_counts(positions: HierarchicalPositions, plan: MLSWAPlan) -> torch.Tensor:
@@ -155,9 +156,10 @@ def mlswa_row_stats(
     max_level = resolve_max_level(windows, max_level)
     if plan is None:
         plan = build_mlswa_plan(positions, windows, max_level)
-    elif plan.max_level != max_level or plan.seq_len != q.shape[2] or plan.batch_size != q.shape[0]:
+    elif plan.max_level != max_level or plan.seq_len != q.shape[1] or plan.batch_size != q.shape[0]:
         raise ValueError("the plan was built for other positions or another max_level")
-    q64, k64 = q.to(torch.float64), k.to(torch.float64)
+    # the kernels are head-major; results go back to the public token-major layout
+    q64, k64 = q.to(torch.float64).transpose(1, 2), k.to(torch.float64).transpose(1, 2)
     scale = _scale(q, scale)
     if flash_available(q64) and plan.levels[0].is_prefix:  # the fused kernel: no score tensor at all
         result = flash_compact_result(q64, k64, k64, plan, scale=scale, collect_levels=True)
@@ -168,13 +170,15 @@ def mlswa_row_stats(
     expected_score = scale * (q64 * result.out).sum(-1)
     entropy = torch.where(real, (lse - expected_score).clamp(min=0.0), torch.zeros_like(lse))
 
-    batch, heads, n, _ = q.shape
+    batch, n, heads, _ = q.shape
     level_mass = torch.zeros(batch, heads, n, len(windows), dtype=torch.float64, device=q.device)
     assert result.level_lse is not None
     for level, level_lse in enumerate(result.level_lse):
         share = torch.exp(level_lse - lse)
         level_mass[..., level] = torch.where(real & torch.isfinite(level_lse), share, torch.zeros_like(share))
-    return AttentionRowStats(entropy, _allowed_key_counts(positions, plan), level_mass)
+    return AttentionRowStats(
+        entropy.transpose(1, 2), _allowed_key_counts(positions, plan), level_mass.transpose(1, 2)
+    )
 
 
 def mlswa_attention_entropy(
@@ -187,7 +191,7 @@ def mlswa_attention_entropy(
     scale: float | None = None,
     plan: MLSWAPlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(entropy in nats [B, H, N] float64, allowed key counts [B, N] int64) for every query row.
+    """(entropy in nats [B, N, H] float64, allowed key counts [B, N] int64) for every query row.
 
     Memory is linear in N (no N x N tensor). Padding rows have entropy 0 and count 0.
     """
@@ -205,7 +209,7 @@ def mlswa_level_mass(
     scale: float | None = None,
     plan: MLSWAPlan | None = None,
 ) -> torch.Tensor:
-    """[B, H, N, L] float64: share of each row's attention through the pairs level l adds.
+    """[B, N, H, L] float64: share of each row's attention through the pairs level l adds.
 
     L is the number of windows; level 0 are the token-window pairs, level l > 0 the pairs only level
     l (and no lower level) allows; the ``[DOC]`` links count in the top level. Inactive levels (above

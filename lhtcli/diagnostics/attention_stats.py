@@ -228,11 +228,12 @@ class EntropyAccumulator:
             )
             normalized = stats.normalized_entropy
             heads = self._heads.setdefault(
-                cap.layer, [_Moments(self.num_levels) for _ in range(cap.q.shape[1])]
+                cap.layer, [_Moments(self.num_levels) for _ in range(cap.q.shape[2])]
             )
             self._max_level[cap.layer] = cap.max_level
+            entropy, normalized, mass = stats.entropy[real], normalized[real], stats.level_mass[real]
             for h, moments in enumerate(heads):
-                moments.add(stats.entropy[:, h][real], normalized[:, h][real], stats.level_mass[:, h][real])
+                moments.add(entropy[:, h], normalized[:, h], mass[:, h])
         self.num_sequences += positions.batch_size
 
     def report(self) -> EntropyReport:
@@ -331,14 +332,14 @@ def attention_map(
     rows = torch.arange(start, stop, device=capture.q.device)
     q = capture.q[sample : sample + 1]
     k = capture.k[sample : sample + 1]
-    heads = q.shape[1]
+    heads = q.shape[2]
     if head is not None:
         if not 0 <= head < heads:
             raise ValueError(f"head must be between 0 and {heads - 1}, got {head}")
-        q, k = q[:, head : head + 1], k[:, head : head + 1]
+        q, k = q[:, :, head : head + 1], k[:, :, head : head + 1]
     windows = [int(w) for w in window_size_per_level]
-    probs = mlswa_attention_probs(q, k, one, windows, capture.max_level, rows=rows)  # [1, H, R, N]
-    probs = probs[0].mean(0)[:, start:stop].float().cpu()
+    probs = mlswa_attention_probs(q, k, one, windows, capture.max_level, rows=rows)  # [1, R, H, N]
+    probs = probs[0].mean(1)[:, start:stop].float().cpu()
     levels = pair_level_map(one, windows, capture.max_level, rows=rows)[0][:, start:stop].cpu()
     if tokens is None:
         shown = [str(i) for i in range(start, stop)]
