@@ -644,6 +644,62 @@ def test_a_failing_checkpoint_write_keeps_the_previous_checkpoint(in_tmp: Path, 
     assert [s for s, _ in logged_losses(cfg.run_dir() / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
 
 
+def _tmpfs_namespace() -> bool:
+    """Whether this machine lets us mount a small tmpfs in a private mount namespace (root, or user
+    namespaces allowed); the mount vanishes with the namespace, touching nothing outside."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", 'mount -t tmpfs -o size=64k tmpfs "$1"', "sh", "/tmp"],
+                           capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+VERIFY_FULL_DISK = r"""
+import json, sys
+from pathlib import Path
+from lhtcli.training.checkpoint import TEMP_FILE, load_checkpoint
+ckpt_dir = Path(sys.argv[1])
+names = sorted(p.name for p in ckpt_dir.iterdir())
+steps = {p.name: load_checkpoint(p).step for p in ckpt_dir.glob("*.ckpt")}
+Path(sys.argv[2]).write_text(json.dumps({"names": names, "steps": steps,
+                                         "temp": [n for n in names if TEMP_FILE.match(n)]}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _tmpfs_namespace(), reason="cannot mount a tmpfs here (needs root or user namespaces)")
+def test_a_really_full_disk_stops_with_one_error_and_keeps_the_last_good_checkpoint(
+        in_tmp: Path, corpus: Path, trained: Path, lht_cmd: list[str], env: dict[str, str]):
+    """A real ENOSPC: the checkpoint directory is a tmpfs with room for the start-up check and a few
+    checkpoints; the run fills it, stops with one error line, and every file left there verifies."""
+    from lhtcli.training.preflight import OVERHEAD_BYTES
+
+    state = load_checkpoint(trained / "checkpoint-4.ckpt").model_state
+    weights = sum(t.numel() * t.element_size() for t in state.values())
+    size_kb = (3 * weights + OVERHEAD_BYTES) // 1024 + 128  # passes the start-up check, then fills up
+    mount = in_tmp / "small"
+    mount.mkdir()
+    train = [*lht_cmd, "train", "-q", *set_args(corpus, **{
+        "training.num_steps": 40, "training.save_every": 1, "training.keep_checkpoints": 40,
+        "logging.checkpoint_dir": str(mount)})]
+    (in_tmp / "verify.py").write_text(VERIFY_FULL_DISK)
+    script = ('mount -t tmpfs -o size="$1"k tmpfs "$2" && shift 2 && "$@" 2>train.err; echo $? > train.rc; '
+              f'{sys.executable} verify.py {mount / "tiny"} verify.json')
+    subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(size_kb), str(mount), *train], cwd=in_tmp,
+                   env=env, timeout=300, check=True)
+    err = (in_tmp / "train.err").read_text()
+    assert int((in_tmp / "train.rc").read_text()) == 2, err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: could not write checkpoint") and "No space left on device" in lines[-1], err
+    assert "is intact" in lines[-1] and "Traceback" not in err
+    assert all(line.startswith("⚠") for line in lines[:-1]), err  # (the start-up warning about little space)
+    found = json.loads((in_tmp / "verify.json").read_text())
+    steps = found["steps"]
+    assert found["temp"] == [] and steps["last.ckpt"] == max(steps.values()) >= 2  # every file there loads
+    assert 2 <= len(steps) - 1 < 40  # as many as fitted; the one that did not is gone
+    assert list(mount.iterdir()) == []  # (the tmpfs went with its namespace: nothing outside was touched)
+
+
 # ----------------------------------------------------------------------------- 4. untrusted checkpoints
 
 
