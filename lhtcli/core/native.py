@@ -313,7 +313,10 @@ def _obtain(name: str, report: Report, force: bool = False, verbose: bool = Fals
                 finally:
                     lock.release()
             state = kernel_cache.probe_lock(lock.path)
-            owner = state.owner if state is not None else None
+            if state is None or not state.held:  # released in between: try again at once
+                time.sleep(0.05)
+                continue
+            owner = state.owner
             if owner is not None and owner.age() > kernel_cache.stale_after_s():
                 report(f"the kernel build of {owner.describe()} has held its lock for {owner.age() / 60:.0f} min "
                        "(LHT_KERNEL_STALE); building separately")
