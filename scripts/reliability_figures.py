@@ -50,6 +50,8 @@ def main() -> int:
     print(f"| SIGINT / SIGTERM during training or a kernel build | {sum(t in passed for t in signals)} / "
           f"{len(signals)} |")
     print(f"\nall fault-injection tests: {len(passed)} passed, {len(failed)} failed")
+    if result.returncode != 0:
+        print("\n".join(out.splitlines()[-40:]) + result.stderr[-2000:])
     return 0 if result.returncode == 0 else 1
 
 

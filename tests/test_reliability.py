@@ -345,7 +345,10 @@ def test_only_rank_zero_takes_the_experiment_lock(tmp_path: Path, monkeypatch: p
         assert held == tmp_path / LOCK_NAME
         with pytest.raises(RunLockedError), experiment_lock(tmp_path, "x"):
             pass
-        monkeypatch.setenv("RANK", "1")  # a DDP worker of the run that holds it
+        monkeypatch.setenv("RANK", "1")
+        with pytest.raises(RunLockedError), experiment_lock(tmp_path, "x"):
+            pass  # (RANK alone, without WORLD_SIZE > 1, is no DDP run)
+        monkeypatch.setenv("WORLD_SIZE", "2")  # a DDP worker of the run that holds it
         with experiment_lock(tmp_path, "x") as worker:
             assert worker is None
     assert not (tmp_path / LOCK_NAME).exists()

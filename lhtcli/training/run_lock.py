@@ -27,6 +27,12 @@ class RunLockedError(LHTError):
 
 
 def _is_rank_zero() -> bool:
+    """As lhtcli.training.distributed decides: a plain run (WORLD_SIZE <= 1) or torchrun's rank 0."""
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return True
+    except ValueError:
+        return True
     return os.environ.get("RANK", "0") in ("", "0")
 
 
