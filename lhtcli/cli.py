@@ -14,7 +14,7 @@ import typer
 from typer.core import TyperGroup
 
 from lhtcli import __version__
-from lhtcli.commands import demo, docmap, entropy, gradcheck, train, visualize
+from lhtcli.commands import demo, docmap, entropy, gradcheck, kernels, train, visualize
 from lhtcli.errors import LHTError
 
 HELP = """\
@@ -83,6 +83,7 @@ _COMMANDS = [
 for _func, _name, _panel, _epilog in _COMMANDS:
     app.command(_name, rich_help_panel=_panel, epilog=_epilog)(_func)
 app.add_typer(train.config_app, name="config", rich_help_panel="Training")
+app.add_typer(kernels.kernels_app, name="kernels", rich_help_panel="Setup")
 
 
 def _debug_requested() -> bool:

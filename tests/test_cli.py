@@ -109,6 +109,7 @@ def test_panels_group_commands():
     assert panels == {
         "train": "Training",
         "config": "Training",
+        "kernels": "Setup",
         "visualize": "Inspection",
         "entropy": "Inspection",
         "map": "Inspection",

@@ -8,9 +8,12 @@ with :func:`save_figure`, which also closes it.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from lhtcli.errors import LHTError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -73,9 +76,16 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
     path = Path(path)
     if not path.suffix:
         path = path.with_suffix(".png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fig.savefig(path, dpi=dpi)
+    try:  # into a temporary file first: a failed write never damages an existing image
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            fig.savefig(temporary, dpi=dpi, format=path.suffix.lstrip(".").lower() or "png")
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+    except OSError as exc:
+        raise LHTError(f"cannot write the figure to {path} ({exc.strerror or exc}); choose another --output") from None
     finally:
         close_figure(fig)
     return path

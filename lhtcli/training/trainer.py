@@ -458,4 +458,7 @@ class Trainer:
 def run_training(cfg: LHTConfig, resume: str | None = None, quiet: bool = False,
                  console: Console | None = None) -> TrainingSummary:
     """Train ``cfg`` from scratch or from a checkpoint (``resume``: a path or ``auto``); returns the summary."""
-    return Trainer(cfg, resume, quiet, console).run()
+    from lhtcli.training.run_lock import experiment_lock
+
+    with experiment_lock(cfg.checkpoint_dir(), cfg.experiment_name):  # one run per experiment directory
+        return Trainer(cfg, resume, quiet, console).run()
