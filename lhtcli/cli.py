@@ -14,7 +14,7 @@ import typer
 from typer.core import TyperGroup
 
 from lhtcli import __version__
-from lhtcli.commands import demo, entropy, export, gradcheck, train, visualize
+from lhtcli.commands import demo, docmap, entropy, export, gradcheck, kernels, train, visualize
 from lhtcli.errors import LHTError
 
 HELP = """\
@@ -76,6 +76,7 @@ _COMMANDS = [
     (train.train, "train", "Training", train.TRAIN_EPILOG),
     (visualize.visualize, "visualize", "Inspection", visualize.EPILOG),
     (entropy.entropy, "entropy", "Inspection", entropy.EPILOG),
+    (docmap.docmap, "map", "Inspection", docmap.EPILOG),
     (gradcheck.gradcheck, "gradcheck", "Inspection", gradcheck.EPILOG),
     (demo.demo, "demo", "Getting started", demo.EPILOG),
     (export.export, "export", "Sharing", export.EPILOG),
@@ -83,6 +84,7 @@ _COMMANDS = [
 for _func, _name, _panel, _epilog in _COMMANDS:
     app.command(_name, rich_help_panel=_panel, epilog=_epilog)(_func)
 app.add_typer(train.config_app, name="config", rich_help_panel="Training")
+app.add_typer(kernels.kernels_app, name="kernels", rich_help_panel="Setup")
 
 
 def _debug_requested() -> bool:

@@ -7,8 +7,12 @@ one line; a config error is a header plus one line per problem (``config validat
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -240,3 +244,120 @@ def test_document_file_parses_or_explains(text: str) -> None:
         _assert_document(load_document_file(path))
     except DataError as exc:
         assert str(path) in str(exc) and "\n" not in str(exc), str(exc)
+
+
+# ----------------------------------------------------------------------------- the inspection commands
+
+# Files a case may ask for, made from a finished tiny run's checkpoint ({ckpt} in argv is that checkpoint).
+def _files(ckpt: Path) -> dict[str, Callable[[], bytes | None]]:
+    import random
+
+    import torch
+
+    def foreign() -> bytes:  # another architecture's weights, saved the usual way
+        buffer = io.BytesIO()
+        torch.save({"bert.embeddings.word_embeddings.weight": torch.zeros(10, 4),
+                    "bert.encoder.layer.0.attention.self.query.weight": torch.zeros(4, 4)}, buffer)
+        return buffer.getvalue()
+
+    return {
+        "half.ckpt": lambda: ckpt.read_bytes()[: ckpt.stat().st_size // 2],
+        "random.ckpt": lambda: random.Random(18).randbytes(5000),
+        "empty.ckpt": lambda: b"",
+        "bert.ckpt": foreign,
+        "config.yaml": lambda: b"training:\n  num_steps: 3\n",
+        "ckptdir": lambda: None,
+        "blocker": lambda: b"a file where a directory should go",
+        "bad.json": lambda: b'{"text": [["only one"',
+        "empty.json": lambda: b"[]",
+        "corpus.jsonl": lambda: b'{"text": [["A b."]]}\n{"text": [["C d."]]}\n',
+    }
+
+
+COMMAND_CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # checkpoints: truncated, random, empty, of another architecture, not a checkpoint at all, missing
+    "ckpt_truncated": (("visualize", "--checkpoint", "half.ckpt", "-o", "keep.png"),
+                       ("half.ckpt", "not a readable lht checkpoint")),
+    "ckpt_random_bytes": (("entropy", "--checkpoint", "random.ckpt"), ("random.ckpt", "not a readable lht checkpoint")),
+    "ckpt_empty": (("gradcheck", "--checkpoint", "empty.ckpt"), ("empty.ckpt", "empty (0 bytes)")),
+    "ckpt_other_architecture": (("visualize", "--checkpoint", "bert.ckpt", "-o", "keep.png"),
+                                ("bert.ckpt", "not an lht checkpoint")),
+    "ckpt_is_a_config": (("entropy", "--checkpoint", "config.yaml"), ("config.yaml", "not a readable lht checkpoint")),
+    "ckpt_missing": (("gradcheck", "--checkpoint", "nowhere.ckpt"), ("checkpoint not found: nowhere.ckpt",)),
+    "resume_other_model_shape": (("train", "-q", "--resume", "{ckpt}", "--set", "model.d_model=64"),
+                                 ("cannot resume from", "in the checkpoint but")),
+    "set_model_with_checkpoint": (("entropy", "--checkpoint", "{ckpt}", "--set", "model.d_model=64"),
+                                  ("--set model.* cannot change it",)),
+    # --layer / --head / --start beyond the model or the document
+    "layer_out_of_range": (("visualize", "--checkpoint", "{ckpt}", "--layer", "7", "-o", "keep.png"),
+                           ("--layer 7", "2 layers")),
+    "head_out_of_range": (("visualize", "--checkpoint", "{ckpt}", "--head", "9", "-o", "keep.png"),
+                          ("--head 9", "2 heads")),
+    "start_beyond_document": (("visualize", "--checkpoint", "{ckpt}", "--start", "99999", "-o", "keep.png"),
+                              ("--start 99999",)),
+    # outputs that cannot be written
+    "figure_under_a_file": (("visualize", "--checkpoint", "{ckpt}", "-o", "blocker/x.png"),
+                            ("cannot write the figure to blocker/x.png",)),
+    "figure_in_proc": (("visualize", "--checkpoint", "{ckpt}", "-o", "/proc/lht-test/x.png"),
+                       ("cannot write the figure to /proc/lht-test/x.png",)),
+    "entropy_chart_unwritable": (("entropy", "--checkpoint", "{ckpt}", "-o", "blocker/e.png"),
+                                 ("cannot write the figure to blocker/e.png",)),
+    "gradient_chart_unwritable": (("gradcheck", "--checkpoint", "{ckpt}", "-o", "blocker/g.png"),
+                                  ("cannot write the figure to blocker/g.png",)),
+    # documents and configs given to the inspection commands
+    "document_missing": (("visualize", "--checkpoint", "{ckpt}", "--document", "gone.json", "-o", "keep.png"),
+                         ("document file not found: gone.json",)),
+    "document_malformed": (("visualize", "--checkpoint", "{ckpt}", "--document", "bad.json", "-o", "keep.png"),
+                           ("bad.json is not valid JSON",)),
+    "document_empty": (("entropy", "--checkpoint", "{ckpt}", "--document", "empty.json"),
+                       ("empty.json", "has no text")),
+    "config_not_yaml": (("visualize", "--config", "corpus.jsonl", "-o", "keep.png"),
+                        ("corpus.jsonl", "not valid YAML")),
+}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lhtcli.config import load_config
+    from lhtcli.training.trainer import run_training
+
+    base = tmp_path_factory.mktemp("finished")
+    corpus = write_corpus(base / "corpus.jsonl")
+    cfg = load_config(None, tiny_overrides(corpus, **{
+        "training.num_steps": 2, "training.save_every": 2, "logging.checkpoint_dir": str(base / "ckpts")}))
+    run_training(cfg, quiet=True)
+    return cfg.checkpoint_dir() / "last.ckpt"
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", list(COMMAND_CASES), ids=list(COMMAND_CASES))
+def test_bad_input_to_a_command_gives_one_clear_error_and_changes_nothing(
+        case: str, finished_run: Path, in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv, expect = COMMAND_CASES[case]
+    ckpt = in_tmp / "given.ckpt"
+    shutil.copyfile(finished_run, ckpt)
+    (in_tmp / "keep.png").write_bytes(b"\x89PNG an earlier figure")
+    makers = _files(ckpt)
+    for name in {a for a in argv if a in makers} | ({"blocker"} if "blocker" in " ".join(argv) else set()):
+        content = makers[name]()
+        if content is None:
+            (in_tmp / name).mkdir()
+        else:
+            (in_tmp / name).write_bytes(content)
+    before = _snapshot(in_tmp)
+    code, err = run_cli([a.replace("{ckpt}", str(ckpt)) for a in argv], capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    for text in expect:
+        assert text in lines[0], (text, err)
+    assert _snapshot(in_tmp) == before  # nothing written, nothing overwritten
+
+
+def test_the_tables_hold_at_least_35_distinct_bad_inputs() -> None:
+    assert len(CASES) + len(COMMAND_CASES) >= 35
+    print(f"\nreliability: bad inputs in the tables: {len(CASES) + len(COMMAND_CASES)}")

@@ -77,3 +77,10 @@ def test_entropy_benchmark_reports_an_exact_error(tmp_path: Path) -> None:
     assert error, out
     assert float(error[0][1].split()[0]) < 1e-9
     assert table_rows(out, "all 2 layers")
+
+
+def test_docmap_benchmark_prints_its_table(tmp_path: Path) -> None:
+    out = run_benchmark("docmap.py", "--seq-len", "1024", "--heads", "2", "--windows", "32,8,4", cwd=tmp_path)
+    rows = table_rows(out, "32,8,4")
+    assert len(rows) == 1 and rows[0][-2].endswith("MiB")
+    assert float(rows[0][-1]) < 1e-10  # the sentence map equals the dense float64 pooling

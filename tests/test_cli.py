@@ -22,7 +22,7 @@ from lhtcli.errors import DataError
 
 REPO = Path(__file__).resolve().parent.parent
 runner = CliRunner()
-COMMANDS = ["train", "visualize", "entropy", "gradcheck", "demo", "export"]
+COMMANDS = ["train", "visualize", "entropy", "map", "gradcheck", "demo", "export"]
 HEAVY = ["torch", "wandb", "matplotlib", "tensorboard", "tokenizers", "numpy", "pydantic", "safetensors", "datasets",
          "transformers", "pyarrow"]
 
@@ -110,8 +110,10 @@ def test_panels_group_commands():
     assert panels == {
         "train": "Training",
         "config": "Training",
+        "kernels": "Setup",
         "visualize": "Inspection",
         "entropy": "Inspection",
+        "map": "Inspection",
         "gradcheck": "Inspection",
         "demo": "Getting started",
         "export": "Sharing",
@@ -251,6 +253,8 @@ INSPECTION_ARGS = {
                   "--max-tokens", "30", "--start", "5", "--color-by-level", "-o", "x.png", "--log-to", "wandb",
                   "--json", "--device", "cpu"],
     "entropy": ["--checkpoint", "a.ckpt", "--batches", "2", "--per-head", "--json", "--output", "e.png"],
+    "map": ["--checkpoint", "a.ckpt", "--document", "d.md", "--layer", "all", "--head", "0", "--unit", "both",
+            "--start", "10", "--span", "500", "-o", "m.png", "--json", "--device", "cpu"],
     "gradcheck": ["--config", "configs/cpu_small.yaml", "--batches", "2", "--strict", "--numerical",
                   "--output", "g.png", "--json", "--device", "auto"],
     "demo": ["--output-dir", "d", "--seed", "1", "--json"],

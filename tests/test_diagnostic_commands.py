@@ -139,6 +139,8 @@ def test_visualize_config_all_layers_json(tiny, tmp_path):
         "--json",
         "--document",
         str(tiny["document"]),
+        "--reach-from",
+        "4",
     ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -150,6 +152,8 @@ def test_visualize_config_all_layers_json(tiny, tmp_path):
     assert first["start"] == 3 and len(first["tokens"]) == 20 and len(first["probs"]) == 20
     assert "random initialisation" in data["model"] and data["text"].endswith("doc.md")
     assert len(data["entropy"]["layers"]) == 2
+    assert [s["token"] for s in data["reachability"]["sources"]] == [4]
+    assert data["reachability"]["layer_max_level"] == [1, 2]
     assert_png(out)
 
 
@@ -246,7 +250,9 @@ def test_entropy_table_per_head_on_a_document(tiny):
     args = ["entropy", "--config", str(tiny["config"]), "--document", str(tiny["document"]), "--per-head"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    for text in ("Attention entropy", "Head", "Mean", "Norm", "focused (possible collapse)", "doc.md"):
+    # random weights attend near-uniformly: flagged on the normalised entropy, with the reason
+    for text in ("Attention entropy", "Head", "Mean", "Norm", "near-uniform (scores ignore content) (expected "
+                 "for random weights)", "Hierarchy usage", "sent used", "doc.md"):
         assert text in result.output
 
 
@@ -345,3 +351,8 @@ def test_demo_json(tmp_path):
     assert data["positions"]["sentences"].count(0) < data["document"]["tokens"]
     assert data["model"]["seed"] == 1
     assert all(Path(p).is_file() for p in data["files"].values())
+    reach = data["reachability"]
+    assert reach["sources"][0]["label"] == "[DOC]" and len(reach["sources"][0]["reached"]) == 2
+    for source in reach["sources"]:  # the hierarchy never reaches less than the token window alone
+        assert all(h >= w for h, w in zip(source["reached"], source["window_only_reached"], strict=True))
+    assert "reachability" in data["files"]

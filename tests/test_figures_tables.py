@@ -35,7 +35,13 @@ from lhtcli.render.figures import (  # noqa: E402
     mask_figure,
     save_figure,
 )
-from lhtcli.render.tables import entropy_table, gradient_table, positions_table, prediction_table  # noqa: E402
+from lhtcli.render.tables import (  # noqa: E402
+    entropy_table,
+    gradient_table,
+    hierarchy_table,
+    positions_table,
+    prediction_table,
+)
 
 WINDOWS = [6, 2, 1]
 
@@ -144,10 +150,11 @@ def test_entropy_accumulates_over_batches(setup):
         EntropyAccumulator(WINDOWS).report()
 
 
-def test_flags():
-    assert entropy_flag(0.5) == "focused"
-    assert entropy_flag(2.5) == "diffuse"
-    assert entropy_flag(1.7) is None
+def test_flags_are_judged_on_normalised_entropy():
+    assert entropy_flag(0.05) == "focused"
+    assert entropy_flag(0.99) == "uniform"
+    assert entropy_flag(0.6) is None  # whatever the nats: 4 nats over 513 keys is ordinary
+    assert entropy_flag(None) is None
     assert entropy_flag(float("nan")) is None
 
 
@@ -195,7 +202,8 @@ def test_gradient_report_and_flow_chart(setup, tmp_path):
     assert report.total_norm > 0
     kinds = {g.kind for g in report.groups()}
     assert kinds == {"embeddings", "attention", "mlp", "norms", "head"}
-    assert all(p.kind != "embeddings" for p in report.flow())
+    flow = report.flow()
+    assert flow[0].kind == "embeddings" and {p.name for p in flow} == {p.name for p in report.params}
     assert any(p.kind == "embeddings" for p in report.params)
     assert_png(save_figure(gradient_flow_figure(report), tmp_path / "flow.png"))
 
@@ -271,16 +279,23 @@ def test_predictions_table():
 def test_entropy_table_figure_and_positions_table(setup, tmp_path):
     model, ids, positions = setup
     report = entropy_report(model, [(ids, positions)])
-    report.layers[1].stats.mean = 0.5  # force a collapse flag
+    report.layers[1].stats.normalized_mean = 0.05  # force a focus flag
+    report.layers[2].stats.normalized_mean = 0.5  # and a healthy layer
+    for head in report.layers[2].heads:
+        head.normalized_mean = 0.5
     console = Console(record=True, width=200)
     console.print(entropy_table(report))
     console.print(entropy_table(report, per_head=True))
+    console.print(hierarchy_table(report, per_head=True))
     console.print(positions_table(positions, [f"t{i}" for i in range(60)], max_tokens=12))
     text = console.export_text()
-    assert "0.500 ▼" in text and "focused (possible collapse)" in text and "diffuse" in text
-    assert "Head" in text and "sent %" in text
+    assert "0.050 ▼" in text and "focused" in text and "near-uniform" in text
+    assert "Head" in text and "sent %" in text and "sent used" in text and "Sink %" in text
     assert "Hierarchical position vectors" in text and "more tokens" in text
-    assert "layer 1: mean attention entropy 0.500 nats, focused (possible collapse)" in report.warnings()
+    warnings = report.warnings()
+    assert any(w.startswith("layer 1: normalised attention entropy 0.050") and "possible collapse" in w
+               for w in warnings)
+    assert not any(w.startswith("layer 2") for w in warnings)
     assert_png(save_figure(entropy_figure(report), tmp_path / "entropy.png"))
 
 
@@ -297,6 +312,13 @@ def test_entropy_table_fits_an_80_column_terminal(setup, per_head: bool):
     assert ("Head" in header) == per_head
     assert all(len(line) <= 80 for line in lines)
     assert "…" not in "\n".join(lines)  # nothing truncated
+    console = Console(record=True, width=80)
+    console.print(hierarchy_table(report, per_head=per_head))
+    lines = console.export_text().splitlines()
+    header = next(line for line in lines if "Sink %" in line)
+    for name in ("sent links", "sent used", "sec links", "sec used", "Logit"):
+        assert name in header, (name, header)
+    assert all(len(line) <= 80 for line in lines) and "…" not in "\n".join(lines)
 
 
 def test_figures_work_with_wandb_image():

@@ -3,7 +3,9 @@ import torch
 
 from lhtcli.config import ModelConfig
 from lhtcli.core import HierarchicalPositions, positions_from_lengths
-from lhtcli.model import Dropout, LHTEncoder, RotaryEmbedding, apply_rotary, split_rotated
+from lhtcli.fused.dropout import Dropout
+from lhtcli.fused.qkv import split_rotated
+from lhtcli.model import LHTEncoder, RotaryEmbedding, apply_rotary
 
 
 def tiny_config(**overrides) -> ModelConfig:

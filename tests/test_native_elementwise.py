@@ -11,9 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lhtcli.model as model
 from lhtcli.config import ModelConfig
-from lhtcli.model import RotaryEmbedding, apply_rotary, attention_inputs
+from lhtcli.fused import gelu, qkv, residual
+from lhtcli.fused import loss as fused_loss
+from lhtcli.fused.dropout import Dropout
+from lhtcli.fused.kernel import kernel_for
+from lhtcli.fused.qkv import attention_inputs
+from lhtcli.model import MLMHead, RotaryEmbedding, apply_rotary
 from tests.model_helpers import loss_and_gradients, small_training_setup
 
 
@@ -88,10 +92,10 @@ def test_the_mlp_through_the_kernel_matches_float64_with_gradients(kernel, monke
     linear = torch.nn.Linear(24, 40)
     x = torch.randn(2, 9, 24)
     calls = []
-    real_apply = model._BiasGELU.apply
-    monkeypatch.setattr(model._BiasGELU, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    real_apply = gelu._BiasGELU.apply
+    monkeypatch.setattr(gelu._BiasGELU, "apply", lambda *a: calls.append(1) or real_apply(*a))
     leaf = x.clone().requires_grad_(True)
-    out = model.linear_gelu(leaf, linear)
+    out = gelu.linear_gelu(leaf, linear)
     assert calls == [1]
     grad = torch.randn(out.shape)
     got = torch.autograd.grad(out, [leaf, linear.weight, linear.bias], grad)
@@ -105,12 +109,12 @@ def test_the_mlp_through_the_kernel_matches_float64_with_gradients(kernel, monke
     for g, w in zip(got, want, strict=True):
         assert (g.double() - w).abs().max() < 1e-4 * max(1.0, w.abs().max().item())
     with torch.no_grad():  # inference: no derivative kept, the same values
-        assert torch.equal(model.linear_gelu(x, linear), out.detach())
+        assert torch.equal(gelu.linear_gelu(x, linear), out.detach())
     assert calls == [1]
 
 
 def _recording(monkeypatch, function) -> list:
-    """Calls of ``function.apply`` (an autograd.Function of lhtcli.model) from now on."""
+    """Calls of ``function.apply`` (an autograd.Function of lhtcli.fused) from now on."""
     calls = []
     real_apply = function.apply
     monkeypatch.setattr(function, "apply", lambda *a: calls.append(a) or real_apply(*a))
@@ -135,7 +139,7 @@ def test_native_attention_inputs_match_float64_with_gradients_and_unused_outputs
     linear = torch.nn.Linear(d_model, 3 * heads * dim)
     x = torch.randn(batch, n, d_model)
     rotation = RotaryEmbedding(dim)(torch.randint(0, 4000, (batch, n)))[:, 0] if rope else None  # [B, N, D/2]
-    calls = _recording(monkeypatch, model._QKVHeads)
+    calls = _recording(monkeypatch, qkv._QKVHeads)
     # the attention kernels hand back token-major gradients, SDPA head-major ones: both layouts
     grads = [torch.randn(batch, n, heads, dim).transpose(1, 2), torch.randn(batch, heads, n, dim),
              torch.randn(batch, n, heads, dim).transpose(1, 2)]
@@ -179,9 +183,9 @@ def test_attention_inputs_bias_gradient_does_not_depend_on_the_thread_count(kern
     assert torch.allclose(bias.double(), packed.double().sum((0, 1)).flatten(), atol=1e-4)
 
 
-def _tiny_head(vocab: int = 300, d_model: int = 24) -> model.MLMHead:
+def _tiny_head(vocab: int = 300, d_model: int = 24) -> MLMHead:
     cfg = ModelConfig(vocab_size=vocab, d_model=d_model, n_heads=2, num_layers=1, d_ff=32, max_seq_len=64)
-    head = model.MLMHead(cfg, torch.nn.Embedding(vocab, d_model))
+    head = MLMHead(cfg, torch.nn.Embedding(vocab, d_model))
     with torch.no_grad():
         for p in head.parameters():
             p.normal_(0, 0.5)
@@ -197,9 +201,9 @@ def test_the_mlm_loss_through_the_kernel_matches_float64_with_gradients(kernel, 
     ref.load_state_dict(head.state_dict())
     hidden = torch.randn(77, 24)
     targets = torch.randint(0, vocab, (77,))
-    calls = _recording(monkeypatch, model._BiasCrossEntropy)
+    calls = _recording(monkeypatch, fused_loss._BiasCrossEntropy)
     leaf, ref_leaf = hidden.clone().requires_grad_(True), hidden.double().requires_grad_(True)
-    logits, loss = head.logits_and_loss(leaf, targets)
+    logits, loss = fused_loss.logits_and_loss(head, leaf, targets)
     assert len(calls) == 1
     ref_logits = ref(ref_leaf)
     ref_loss = F.cross_entropy(ref_logits, targets)
@@ -211,7 +215,7 @@ def test_the_mlm_loss_through_the_kernel_matches_float64_with_gradients(kernel, 
     want = torch.autograd.grad(ref_loss + 0.01 * ref_logits.square().mean(), ref_params)
     for g, w in zip(got, want, strict=True):
         assert (g.double() - w).abs().max() < 1e-5 * max(1.0, w.abs().max().item())
-    only_loss = torch.autograd.grad(head.logits_and_loss(leaf, targets)[1], params)
+    only_loss = torch.autograd.grad(fused_loss.logits_and_loss(head, leaf, targets)[1], params)
     only_ref = torch.autograd.grad(F.cross_entropy(ref(ref_leaf), targets), ref_params)
     for g, w in zip(only_loss, only_ref, strict=True):
         assert (g.double() - w).abs().max() < 1e-5 * max(1.0, w.abs().max().item())
@@ -221,8 +225,8 @@ def test_the_mlm_loss_kernel_checks_targets_and_keeps_pytorchs_empty_case(kernel
     head = _tiny_head()
     hidden = torch.randn(5, 24)
     with pytest.raises(RuntimeError, match="out of bounds"):
-        head.logits_and_loss(hidden, torch.tensor([0, 1, 2, 3, 300]))
-    logits, loss = head.logits_and_loss(hidden[:0], torch.zeros(0, dtype=torch.long))
+        fused_loss.logits_and_loss(head, hidden, torch.tensor([0, 1, 2, 3, 300]))
+    logits, loss = fused_loss.logits_and_loss(head, hidden[:0], torch.zeros(0, dtype=torch.long))
     assert logits.shape == (0, 300) and torch.isnan(loss)  # as F.cross_entropy's mean over nothing
 
 
@@ -247,22 +251,22 @@ def test_mlm_loss_bias_gradient_does_not_depend_on_the_thread_count(kernel, thre
 def test_the_native_paths_are_cpu_float32_only(kernel):
     """CUDA, half precision and strided tensors take PyTorch's ops (a CUDA tensor handed to the CPU
     kernels would fail their checks); meta tensors stand in for CUDA here."""
-    assert model._native_kernel_for(torch.zeros(4, 8)) is kernel
-    assert model._native_kernel_for(torch.zeros(4, 8, device="meta")) is None
-    assert model._native_kernel_for(torch.zeros(4, 8, dtype=torch.bfloat16)) is None
-    assert model._native_kernel_for(torch.zeros(8, 4).T) is None
+    assert kernel_for(torch.zeros(4, 8)) is kernel
+    assert kernel_for(torch.zeros(4, 8, device="meta")) is None
+    assert kernel_for(torch.zeros(4, 8, dtype=torch.bfloat16)) is None
+    assert kernel_for(torch.zeros(8, 4).T) is None
     linear = torch.nn.Linear(8, 16, device="meta")
-    layer = model.Dropout(0.1).train()
+    layer = Dropout(0.1).train()
     x = torch.zeros(2, 3, 8, device="meta")
-    assert model.linear_gelu(x, linear).shape == (2, 3, 16)
-    assert model.residual_branch(torch.zeros(2, 3, 16, device="meta"), torch.zeros(2, 3, 8, device="meta"),
+    assert gelu.linear_gelu(x, linear).shape == (2, 3, 16)
+    assert residual.residual_branch(torch.zeros(2, 3, 16, device="meta"), torch.zeros(2, 3, 8, device="meta"),
                                  linear, layer).shape == (2, 3, 16)
     rotation = torch.zeros(1, 5, 4, dtype=torch.complex64, device="meta")
     projection = torch.nn.Linear(16, 48, device="meta")
     inputs = attention_inputs(torch.zeros(1, 5, 16, device="meta"), projection, 2, rotation)
     assert [t.shape for t in inputs] == [(1, 2, 5, 8)] * 3
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's bf16 products would fail the kernels' checks
-        assert model._native_kernel_for(torch.zeros(4, 8)) is None
+        assert kernel_for(torch.zeros(4, 8)) is None
 
 
 def _residual_norm_reference(kernel, residual, y, bias, weight, norm_bias, seed, threshold, scale, eps):
@@ -324,15 +328,15 @@ def test_the_encoder_with_fused_norms_matches_the_unfused_path_in_training(kerne
     dropout pass followed by PyTorch's LayerNorm: the loss and every gradient agree."""
     encoder, ids, positions, labels = small_training_setup()
     fused_calls = []
-    real_apply = model._ResidualNorm.apply
-    monkeypatch.setattr(model._ResidualNorm, "apply", lambda *a: fused_calls.append(1) or real_apply(*a))
+    real_apply = residual._ResidualNorm.apply
+    monkeypatch.setattr(residual._ResidualNorm, "apply", lambda *a: fused_calls.append(1) or real_apply(*a))
 
     def run(return_logits):
         return loss_and_gradients(encoder, ids, positions, labels, return_logits)
 
     fused = {flag: run(flag) for flag in (True, False)}
     assert len(fused_calls) == 2 * 2 * encoder.cfg.num_layers  # two norms per block, both forwards
-    monkeypatch.setattr(model, "_plain_float32_norm", lambda norm, features: False)
+    monkeypatch.setattr(residual, "plain_float32_norm", lambda norm, features: False)
     for flag in (True, False):
         loss, grads = run(flag)
         torch.testing.assert_close(fused[flag][0], loss, atol=1e-5, rtol=1e-5)

@@ -301,7 +301,7 @@ def test_native_dropout_mask_is_philox_and_the_gradient_follows_it(kernel, monke
     """The layer's native pass keeps exactly the values the Philox reference says (odd sizes run the
     kernel's tail), multiplies them by exactly the scale (signed zeros, infinities and NaN included),
     and the backward redraws the same mask from the seed."""
-    import lhtcli.model as model
+    from lhtcli.fused import dropout as model
 
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(shape, generator=gen) * 3
@@ -352,16 +352,17 @@ def test_residual_branch_adds_bias_dropout_and_residual_in_one_pass_with_gradien
     """residual + dropout(linear(x)) through the kernel: the Philox mask, the bias before the mask, the
     residual after it; gradients: the residual's passes through, the projection's follows the
     mask and the bias gets its column sums."""
-    import lhtcli.model as model
+    from lhtcli.fused import residual as fused
+    from lhtcli.fused.dropout import Dropout
 
     torch.manual_seed(0)
-    linear, layer = torch.nn.Linear(16, features), model.Dropout(0.25).train()
+    linear, layer = torch.nn.Linear(16, features), Dropout(0.25).train()
     x, residual = torch.randn(3, 11, 16), torch.randn(3, 11, features)
     seeds = []
-    real_apply = model._ResidualDropout.apply
-    monkeypatch.setattr(model._ResidualDropout, "apply", lambda *a: seeds.append(a[4]) or real_apply(*a))
+    real_apply = fused._ResidualDropout.apply
+    monkeypatch.setattr(fused._ResidualDropout, "apply", lambda *a: seeds.append(a[4]) or real_apply(*a))
     leaves = [t.clone().requires_grad_(True) for t in (residual, x)]
-    out = model.residual_branch(leaves[0], leaves[1], linear, layer)
+    out = fused.residual_branch(leaves[0], leaves[1], linear, layer)
     assert len(seeds) == 1
     keep = _reference_keep(out.numel(), seeds[0], layer.threshold).view(out.shape)
     factor = torch.where(keep, torch.tensor(layer.scale), torch.tensor(0.0))
@@ -376,5 +377,5 @@ def test_residual_branch_adds_bias_dropout_and_residual_in_one_pass_with_gradien
     torch.testing.assert_close(got[2], grad_projected.reshape(-1, features).T @ x.reshape(-1, 16), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[3], grad_projected.sum((0, 1)), rtol=1e-5, atol=1e-5)
     layer.eval()  # without dropout: the plain expression
-    assert torch.equal(model.residual_branch(residual, x, linear, layer), residual + linear(x))
+    assert torch.equal(fused.residual_branch(residual, x, linear, layer), residual + linear(x))
     assert len(seeds) == 1

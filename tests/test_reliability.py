@@ -30,6 +30,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from kernel_helpers import buildable, kernel_env, leftovers, wait_for_compiler, write_stand_in
 from training_helpers import tiny_overrides, write_corpus
 
 import lhtcli.training.checkpoint as ckpt_module
@@ -248,10 +249,139 @@ def test_sigkill_at_random_moments_and_inside_writes_resumes_from_the_newest_com
     assert temp_files(ckpt_dir) == []  # writers killed mid-save left temporaries; the next save removed them
     rows = logged_losses(metrics)
     assert [step for step, _ in rows] == list(range(1, num_steps + 1))  # continuous: no gap, no duplicate
+    assert len(_strict_metrics(metrics)) >= num_steps  # every line parses: the torn one was dropped on resume
     redone = {step: loss for step, loss in rows if step in first_seen}
     assert len(redone) >= 10
     for step, loss in redone.items():  # steps lost to a kill were recomputed exactly
         assert loss == pytest.approx(first_seen[step], rel=1e-6, abs=1e-7), step
+    print(f"\nreliability: kills survived {len(LIVES)}/{len(LIVES)} (random moments and checkpoint/log writes)")
+
+
+def _strict_metrics(metrics: Path) -> list[dict]:
+    """Every line of metrics.jsonl is one complete JSON record (a resumed run rewrote any torn line)."""
+    return [json.loads(text) for text in metrics.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(buildable() is not None, reason=f"cannot compile here: {buildable()}")
+def test_sigkill_during_the_kernel_build_and_training_then_resume_auto_carries_on(
+        in_tmp: Path, corpus: Path, lht_cmd: list[str], env: dict[str, str]):
+    """The first run builds the native kernel; kill -9 lands inside that build (twice), inside training, and
+    inside the rebuild a resumed run does: each next ``--resume auto`` builds again (never waiting on the
+    dead build's lock) and continues from the newest complete checkpoint."""
+    cache = in_tmp / "kernels"
+    kenv = kernel_env(env, cache, write_stand_in(in_tmp, spin=3))
+    num_steps = 12
+    train = [*lht_cmd, "train", "--resume", "auto", *set_args(corpus, "kbuild", **{
+        "training.num_steps": num_steps, "training.save_every": 2, "model.mlswa.backend": "compact"})]
+    ckpt_dir, metrics = in_tmp / "checkpoints" / "kbuild", in_tmp / "runs" / "kbuild" / "metrics.jsonl"
+    rng = random.Random(18)
+    kills = []
+    for life, how in enumerate(["build", "build", "training", "rebuild"]):
+        if how == "rebuild":  # a new torch or lht version: the resumed run must build again
+            shutil.rmtree(cache)
+        expected = newest_loadable_step(ckpt_dir)
+        proc = subprocess.Popen(train, cwd=in_tmp, env=kenv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            if how == "training":
+                target = (expected or 0) + 4
+                assert wait_for(lambda t=target: newest_step_name(ckpt_dir) >= t, 120, proc), proc.stdout.read()
+            else:
+                assert wait_for_compiler(cache, 120, proc) is not None, proc.stdout.read()
+            time.sleep(rng.uniform(0.0, 0.3))
+            assert proc.poll() is None, f"life {life} ended before the kill"
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        kills.append(how)
+        if how != "training":
+            assert leftovers(cache), "the killed build left its lock file and temporary directory"
+
+    expected = newest_loadable_step(ckpt_dir)
+    assert expected is not None and expected >= 4
+    final = subprocess.run(train, cwd=in_tmp, env=kenv, capture_output=True, text=True, timeout=180)
+    assert final.returncode == 0, final.stdout + final.stderr
+    assert f"resuming at step {expected}" in final.stdout
+    assert "waiting" not in final.stdout + final.stderr  # nothing was waited for: the dead lock was taken over
+    assert "was interrupted" in final.stdout  # the dead build was said, and built again
+    assert leftovers(cache) == [] and len(list(cache.glob("lht_band_*/*.so"))) == 1
+    assert newest_loadable_step(ckpt_dir) == num_steps  # every checkpoint on disk loads
+    assert [r["step"] for r in _strict_metrics(metrics) if "train/loss" in r] == list(range(1, num_steps + 1))
+    print(f"\nreliability: kills survived {len(kills)}/{len(kills)} (during the kernel build: "
+          f"{sum(k != 'training' for k in kills)})")
+
+
+# ----------------------------------------------------------------------------- 1c. one run per experiment
+
+
+def test_a_second_run_on_the_same_experiment_is_refused_naming_the_holder(in_tmp: Path, corpus: Path,
+                                                                          capsys: pytest.CaptureFixture[str]):
+    from lhtcli.core.kernel_cache import OwnedLock
+    from lhtcli.training.run_lock import LOCK_NAME
+
+    ckpt_dir = in_tmp / "checkpoints" / "tiny"
+    ckpt_dir.mkdir(parents=True)
+    holder = OwnedLock(ckpt_dir / LOCK_NAME)  # as a running lht train holds it (flock: per open file)
+    assert holder.try_acquire()
+    try:
+        err = _cli_error(["train", "-q", *set_args(corpus, **{"training.num_steps": 2})], capsys)
+    finally:
+        holder.release()
+    assert f"another lht train (pid {os.getpid()}, started " in err and "already running experiment 'tiny'" in err
+    assert "experiment_name" in err
+    assert list(ckpt_dir.iterdir()) == [] and not (in_tmp / "runs" / "tiny" / "metrics.jsonl").exists()
+    cfg = load_config(None, tiny_overrides(corpus, **{"training.num_steps": 2}))
+    assert run_training(cfg, quiet=True).steps == 2  # released: the run goes ahead, and leaves no lock file
+    assert not (ckpt_dir / LOCK_NAME).exists()
+
+
+def test_only_rank_zero_takes_the_experiment_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from lhtcli.training.run_lock import LOCK_NAME, RunLockedError, experiment_lock
+
+    with experiment_lock(tmp_path, "x") as held:
+        assert held == tmp_path / LOCK_NAME
+        with pytest.raises(RunLockedError), experiment_lock(tmp_path, "x"):
+            pass
+        monkeypatch.setenv("RANK", "1")
+        with pytest.raises(RunLockedError), experiment_lock(tmp_path, "x"):
+            pass  # (RANK alone, without WORLD_SIZE > 1, is no DDP run)
+        monkeypatch.setenv("WORLD_SIZE", "2")  # a DDP worker of the run that holds it
+        with experiment_lock(tmp_path, "x") as worker:
+            assert worker is None
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+@pytest.mark.slow
+def test_concurrent_runs_never_interleave_and_a_killed_holder_never_blocks_resume(
+        in_tmp: Path, corpus: Path, lht_cmd: list[str], env: dict[str, str]):
+    train = [*lht_cmd, "train", "-q", "--resume", "auto", *set_args(corpus, "shared", **{
+        "training.num_steps": 10_000, "training.save_every": 3, "training.eval_every": 10_000})]
+    ckpt_dir, metrics = in_tmp / "checkpoints" / "shared", in_tmp / "runs" / "shared" / "metrics.jsonl"
+    first = subprocess.Popen(train, cwd=in_tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert wait_for(lambda: newest_step_name(ckpt_dir) >= 3, 120, first)
+        second = subprocess.run(train, cwd=in_tmp, env=env, capture_output=True, text=True, timeout=120)
+        assert first.poll() is None
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2, second.stderr
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: another lht train (pid ") and f"{first.pid}" in lines[0]
+    assert "Traceback" not in second.stderr
+    expected = newest_loadable_step(ckpt_dir)
+    resumed = subprocess.run([*train[:-2], *set_args(corpus, "shared", **{
+        "training.num_steps": expected + 2, "training.save_every": 3, "training.eval_every": 10_000})],
+        cwd=in_tmp, env=env, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    steps = [r["step"] for r in _strict_metrics(metrics) if "train/loss" in r]
+    assert steps == list(range(1, expected + 3))  # one run's records, in order: nothing interleaved
+    assert load_checkpoint(ckpt_dir / "last.ckpt").step == expected + 2
 
 
 # ----------------------------------------------------------------------------- 1b. verification on load
@@ -515,6 +645,62 @@ def test_a_failing_checkpoint_write_keeps_the_previous_checkpoint(in_tmp: Path, 
     cfg = load_config(None, tiny_overrides(corpus, **overrides))  # space freed: carry on
     assert run_training(cfg, resume="auto", quiet=True).steps == 6
     assert [s for s, _ in logged_losses(cfg.run_dir() / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+def _tmpfs_namespace() -> bool:
+    """Whether this machine lets us mount a small tmpfs in a private mount namespace (root, or user
+    namespaces allowed); the mount vanishes with the namespace, touching nothing outside."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", 'mount -t tmpfs -o size=64k tmpfs "$1"', "sh", "/tmp"],
+                           capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+VERIFY_FULL_DISK = r"""
+import json, sys
+from pathlib import Path
+from lhtcli.training.checkpoint import TEMP_FILE, load_checkpoint
+ckpt_dir = Path(sys.argv[1])
+names = sorted(p.name for p in ckpt_dir.iterdir())
+steps = {p.name: load_checkpoint(p).step for p in ckpt_dir.glob("*.ckpt")}
+Path(sys.argv[2]).write_text(json.dumps({"names": names, "steps": steps,
+                                         "temp": [n for n in names if TEMP_FILE.match(n)]}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _tmpfs_namespace(), reason="cannot mount a tmpfs here (needs root or user namespaces)")
+def test_a_really_full_disk_stops_with_one_error_and_keeps_the_last_good_checkpoint(
+        in_tmp: Path, corpus: Path, trained: Path, lht_cmd: list[str], env: dict[str, str]):
+    """A real ENOSPC: the checkpoint directory is a tmpfs with room for the start-up check and a few
+    checkpoints; the run fills it, stops with one error line, and every file left there verifies."""
+    from lhtcli.training.preflight import OVERHEAD_BYTES
+
+    state = load_checkpoint(trained / "checkpoint-4.ckpt").model_state
+    weights = sum(t.numel() * t.element_size() for t in state.values())
+    size_kb = (3 * weights + OVERHEAD_BYTES) // 1024 + 128  # passes the start-up check, then fills up
+    mount = in_tmp / "small"
+    mount.mkdir()
+    train = [*lht_cmd, "train", "-q", *set_args(corpus, **{
+        "training.num_steps": 40, "training.save_every": 1, "training.keep_checkpoints": 40,
+        "logging.checkpoint_dir": str(mount)})]
+    (in_tmp / "verify.py").write_text(VERIFY_FULL_DISK)
+    script = ('mount -t tmpfs -o size="$1"k tmpfs "$2" && shift 2 && "$@" 2>train.err; echo $? > train.rc; '
+              f'{sys.executable} verify.py {mount / "tiny"} verify.json')
+    subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(size_kb), str(mount), *train], cwd=in_tmp,
+                   env=env, timeout=300, check=True)
+    err = (in_tmp / "train.err").read_text()
+    assert int((in_tmp / "train.rc").read_text()) == 2, err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: could not write checkpoint") and "No space left on device" in lines[-1], err
+    assert "is intact" in lines[-1] and "Traceback" not in err
+    assert all(line.startswith("⚠") for line in lines[:-1]), err  # (the start-up warning about little space)
+    found = json.loads((in_tmp / "verify.json").read_text())
+    steps = found["steps"]
+    assert found["temp"] == [] and steps["last.ckpt"] == max(steps.values()) >= 2  # every file there loads
+    assert 2 <= len(steps) - 1 < 40  # as many as fitted; the one that did not is gone
+    assert list(mount.iterdir()) == []  # (the tmpfs went with its namespace: nothing outside was touched)
 
 
 # ----------------------------------------------------------------------------- 4. untrusted checkpoints

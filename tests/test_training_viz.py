@@ -96,9 +96,12 @@ def test_log_records_every_artifact_and_restores_train_mode():
     assert model.training
     assert plt.get_fignums() == []
     figures = [c[1] for c in logger.calls if c[0] == "figure"]
-    assert figures == ["attention/layer_0", "gradients/flow"]
+    assert figures == ["attention/layer_0", "attention/document_map", "attention/reachability", "gradients/flow"]
+    viz.log(20, model, batch, norms)  # the reachability chart depends on the mask alone: logged once
+    later = [c[1] for c in logger.calls if c[0] == "figure"][len(figures):]
+    assert later == ["attention/layer_0", "attention/document_map", "gradients/flow"]
     tables = [c for c in logger.calls if c[0] == "table"]
-    assert len(tables) == 1
+    assert len(tables) == 2
     _, tag, columns, rows, step = tables[0]
     assert tag == "predictions/step_10" and step == 10
     assert columns == ["Sample", "Position", "Original", "Masked", "Top-5 Predictions", "Correct"]
@@ -139,3 +142,33 @@ def test_warnings_on_vanishing_gradients_and_collapse():
     )
     assert "possible collapse" in text
     assert len(text.strip().splitlines()) == 3
+
+
+def test_logs_hierarchy_usage_per_layer_and_warns_on_a_sharp_entropy_fall():
+    cfg = make_config(5)
+    logger = FakeLogger()
+    console = Console(record=True, width=200)
+    viz = TrainingVisualizer(cfg, FakeTokenizer(), logger, console)
+    torch.manual_seed(0)
+    model = LHTEncoder(cfg.model)
+    batch = make_batch()
+    # sentences longer than the token window (4), so sentence and section links exist
+    batch.positions = HierarchicalPositions.batch(
+        [positions_from_lengths([[6, 7, 5], [6, 8]]), positions_from_lengths([[9, 6, 7]])]
+    )
+    batch.input_ids = torch.randint(5, 30, (2, batch.positions.seq_len), generator=torch.Generator().manual_seed(0))
+    batch.labels = torch.full_like(batch.input_ids, -100)
+    batch.labels[0, 3] = 7
+    viz.log(5, model, batch, None)
+    scalars = [c[1] for c in logger.calls if c[0] == "scalars"][0]
+    for key in ("hierarchy_usage/layer_1_sentences", "hierarchy_usage/layer_1_sections",
+                "attention_entropy/layer_0_normalized",
+                "attention_sinks/layer_1", "attention_logits/layer_1_max"):
+        assert key in scalars
+    assert "fell from" not in console.export_text()
+    with torch.no_grad():  # much sharper attention at the next logging step: a collapse
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(60)
+    viz.log(10, model, batch, None)
+    text = console.export_text()
+    assert "normalised attention entropy fell from" in text and "(step 5) to" in text and "(step 10)" in text

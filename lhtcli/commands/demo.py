@@ -53,10 +53,11 @@ def demo(
     from lhtcli.core.positions import build_sequences
     from lhtcli.diagnostics.attention_stats import EntropyAccumulator, attention_map, capture_attention
     from lhtcli.diagnostics.loading import sample_tokenizer
+    from lhtcli.diagnostics.reach import default_sources, reachability
     from lhtcli.diagnostics.sample_document import SAMPLE_TITLE, sample_document
     from lhtcli.model import LHTEncoder, describe_size
-    from lhtcli.render.figures import attention_heatmap, entropy_figure, mask_figure, save_figure
-    from lhtcli.render.tables import entropy_table, positions_table
+    from lhtcli.render.figures import attention_heatmap, entropy_figure, mask_figure, reach_figure, save_figure
+    from lhtcli.render.tables import entropy_table, positions_table, reach_table
 
     console = Console(stderr=json_)
     cfg = LHTConfig.model_validate({"seed": seed, "device": "cpu", "model": DEMO_MODEL})
@@ -76,6 +77,9 @@ def demo(
     report = stats.report()
     top = captures[-1]
     amap = attention_map(top, positions, windows, tokens, max_tokens=HEATMAP_TOKENS)
+    sources = default_sources(positions)
+    labels = ["[DOC]" if s == 0 and positions.has_doc_token else tokens[s] for s in sources]
+    reach = reachability(positions, windows, cfg.model.max_levels(), sources, labels)
     output_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "mask": save_figure(
@@ -86,6 +90,7 @@ def demo(
             attention_heatmap(amap, color_by_level=True), output_dir / "attention_heatmap.png"
         ),
         "entropy": save_figure(entropy_figure(report), output_dir / "entropy.png"),
+        "reachability": save_figure(reach_figure(reach), output_dir / "reachability.png"),
     }
     seconds = time.perf_counter() - started
     num_sentences = sum(len(section) for section in doc)
@@ -114,6 +119,7 @@ def demo(
                     },
                     "heatmap": amap.to_json(),
                     "entropy": report.to_json(per_head=False),
+                    "reachability": reach.to_json(),
                     "files": {k: str(v) for k, v in files.items()},
                     "seconds": seconds,
                 }
@@ -143,6 +149,8 @@ def demo(
         f"cells coloured by the level that allows them: {files['heatmap']}"
     )
     console.print(f"[green]✓[/green] entropy chart: {files['entropy']}")
+    console.print(reach_table(reach, title="How far information can travel (from the mask alone)"))
+    console.print(f"[green]✓[/green] reachability chart: {files['reachability']}")
     console.print(
         f"done in {seconds:.1f} s. Next: [bold]lht train[/bold], then "
         "[bold]lht visualize --checkpoint checkpoints/lht_default/last.ckpt[/bold]"

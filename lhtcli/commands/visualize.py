@@ -27,6 +27,7 @@ examples:
   lht visualize --config configs/cpu_small.yaml --layer 3 --head 0 --max-tokens 40 -o layer3.png
   lht visualize --checkpoint checkpoints/lht_default/last.ckpt --document paper.md --color-by-level
   lht visualize --checkpoint checkpoints/lht_default/last.ckpt --layer all --json
+  lht visualize --checkpoint checkpoints/lht_default/last.ckpt --reach-from 0 --reach-from 200
 """
 
 
@@ -62,6 +63,15 @@ def visualize(
             show_default=False,
         ),
     ] = None,
+    reach_from: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--reach-from",
+            min=0,
+            help="Token whose reach through the mask (after 1..L layers) is tabulated (repeatable).",
+            show_default="[DOC], the middle and the last token",
+        ),
+    ] = None,
     json_: JsonOpt = False,
     device: DeviceOpt = None,
 ) -> None:
@@ -69,7 +79,10 @@ def visualize(
 
     Tokens on both axes, sentence and section boundaries drawn, masked-out pairs distinct from weak attention.
 
-    Works on a trained --checkpoint, or on random weights from --config.
+    Also tabulates reachability: how many tokens information from [DOC] or --reach-from tokens can reach
+    after 1, 2, ... layers through the mask (each layer's max level), next to a token window alone.
+
+    Works on a trained --checkpoint, or on random weights from --config. For a whole document, see lht map.
     """
     import json
 
@@ -77,9 +90,10 @@ def visualize(
 
     from lhtcli.diagnostics.attention_stats import EntropyAccumulator, attention_map, capture_attention
     from lhtcli.diagnostics.loading import load_model, read_document, text_source
+    from lhtcli.diagnostics.reach import default_sources, reachability
     from lhtcli.errors import LHTError
     from lhtcli.render.figures import attention_heatmap, close_figure, save_figure
-    from lhtcli.render.tables import entropy_table
+    from lhtcli.render.tables import entropy_table, reach_table
 
     console = Console(stderr=json_)
     chosen_layer = layer_index(layer)
@@ -98,6 +112,14 @@ def visualize(
     length = int(batch.positions.real_mask[0].sum())
     if start >= length:
         raise LHTError(f"--start {start}: the first sequence has only {length} tokens")
+    first = batch.positions.batched()[0:1].to("cpu")
+    sources = list(reach_from) if reach_from else default_sources(first)
+    if any(s >= length for s in sources):
+        raise LHTError(f"--reach-from: the first sequence has only {length} tokens (0-{length - 1})")
+    reach = reachability(
+        first, loaded.windows, loaded.model.cfg.max_levels(), sources,
+        ["[DOC]" if s == 0 and first.has_doc_token else source.tokens[0][s] for s in sources],
+    )
     captures = capture_attention(loaded.model, batch.input_ids, batch.positions)
     layers = range(num_layers) if chosen_layer is None else [chosen_layer]
     maps = [
@@ -152,6 +174,7 @@ def visualize(
                     "head": head,
                     "maps": [m.to_json() for m in maps],
                     "entropy": report.to_json(per_head=False),
+                    "reachability": reach.to_json(),
                     "logged_to": log_to.value if log_to is not None else None,
                 }
             )
@@ -165,3 +188,4 @@ def visualize(
         where = loaded.config.run_dir() if log_to.value == "tensorboard" else "W&B"
         console.print(f"[green]✓[/green] logged to {log_to.value} ({where}) at step {loaded.step}")
     console.print(entropy_table(report, title="Attention entropy of this batch"))
+    console.print(reach_table(reach, title="Reachability in the first sequence"))

@@ -46,32 +46,34 @@ def pair_level_map(
     windows: Sequence[int],
     max_level: int | None = None,
     rows: torch.Tensor | None = None,
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """int8 [B, R, N]: for each (query row, key), the lowest level that allows the pair
+    """int8 [B, R, K]: for each (query row, key), the lowest level that allows the pair
     (0 tokens, 1 sentences, 2 sections, ``DOC_LINK`` for the [DOC] rule) or ``MASKED``.
 
-    ``rows`` is a 1-D tensor of query indices (all rows when None).
+    ``rows`` and ``keys`` are 1-D tensors of query and key indices (all N when None).
     """
     max_level = resolve_max_level(windows, max_level)
     enums = level_enums(positions, windows)
     _, batch, n = enums.shape
     if rows is None:
         rows = torch.arange(n, device=enums.device)
-    rows = rows.to(enums.device)
-    result = torch.full((batch, rows.numel(), n), MASKED, dtype=torch.int8, device=enums.device)
+    if keys is None:
+        keys = torch.arange(n, device=enums.device)
+    rows, keys = rows.to(enums.device), keys.to(enums.device)
+    result = torch.full((batch, rows.numel(), keys.numel()), MASKED, dtype=torch.int8, device=enums.device)
     for level in range(max_level, -1, -1):  # lowest level written last wins
         e = enums[level]
         eq = e[:, rows, None]
-        ek = e[:, None, :]
+        ek = e[:, None, keys]
         ok = (eq != 0) & (ek != 0) & ((eq - ek).abs() <= windows[level])
         result = torch.where(ok, torch.tensor(level, dtype=torch.int8, device=e.device), result)
     if doc_rule_active(positions, windows, max_level):
         top = enums[len(windows) - 1]
         doc_real = enums[0][:, 0] != 0  # [B]
         is_doc_query = (rows == 0)[None, :, None] & doc_real[:, None, None]
-        top_keys = (top != 0)[:, None, :]
-        is_doc_key = torch.zeros(n, dtype=torch.bool, device=e.device)
-        is_doc_key[0] = True
+        top_keys = (top[:, keys] != 0)[:, None, :]
+        is_doc_key = keys == 0
         top_queries = (top[:, rows] != 0)[:, :, None]
         doc_pair = (is_doc_query & top_keys) | (top_queries & is_doc_key[None, None, :] & doc_real[:, None, None])
         result = torch.where(doc_pair & (result == MASKED), torch.tensor(DOC_LINK, dtype=torch.int8), result)

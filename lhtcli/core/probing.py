@@ -45,6 +45,8 @@ class AttentionRowStats:
     entropy: torch.Tensor  # [B, N, H] nats; 0 on padding
     key_counts: torch.Tensor  # [B, N] int64: allowed keys per query; 0 on padding
     level_mass: torch.Tensor  # [B, N, H, L] share per level (L = number of windows); 0 on padding
+    lse: torch.Tensor | None = None  # [B, N, H] log-sum-exp of the scaled scores; -inf on padding
+    level_key_counts: torch.Tensor | None = None  # [B, N, L] int64: keys each level adds per query
 
     @property
     def normalized_entropy(self) -> torch.Tensor:
@@ -123,16 +125,25 @@ def mlswa_attention_probs(
     return probs.transpose(1, 2).to(_result_dtype(q))
 
 
-def _allowed_key_counts(positions: HierarchicalPositions, plan: MLSWAPlan) -> torch.Tensor:
-    """Allowed keys per query [B, N] from the log-sum-exp of all-zero scores (= log of the count).
+def _count(lse: torch.Tensor) -> torch.Tensor:
+    return torch.round(torch.where(torch.isfinite(lse), torch.exp(lse), torch.zeros_like(lse))).to(torch.long)
+
+
+def _allowed_key_counts(
+    positions: HierarchicalPositions, plan: MLSWAPlan, num_levels: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Allowed keys per query [B, N] and the keys each level adds [B, N, L], from the log-sum-exps of
+    all-zero scores (= logs of the counts).
 
     They depend on the plan alone, so layers sharing a plan share one computation (cached on it)."""
     if "key_counts" not in plan.cache:
         batch, n = positions.batch_size, positions.seq_len
         zeros = torch.zeros(batch, 1, n, 1, dtype=torch.float64, device=positions.device)
-        lse = compact_attention(zeros, zeros, zeros, plan, scale=1.0).lse[:, 0]
-        counts = torch.where(torch.isfinite(lse), torch.exp(lse), torch.zeros_like(lse))
-        plan.cache["key_counts"] = torch.round(counts).to(torch.long)
+        result = compact_attention(zeros, zeros, zeros, plan, scale=1.0, collect_levels=True)
+        per_level = torch.zeros(batch, n, num_levels, dtype=torch.long, device=positions.device)
+        for level, level_lse in enumerate(result.level_lse or []):
+            per_level[..., level] = _count(level_lse[:, 0])
+        plan.cache["key_counts"] = (_count(result.lse[:, 0]), per_level)
     return plan.cache["key_counts"]
 
 
@@ -146,7 +157,8 @@ def mlswa_row_stats(
     scale: float | None = None,
     plan: MLSWAPlan | None = None,
 ) -> AttentionRowStats:
-    """Entropy, allowed key counts and per-level mass of every query row in one linear-memory pass.
+    """Entropy, allowed key counts (in all and per level), per-level mass and log-sum-exp of every query
+    row in one linear-memory pass.
 
     ``plan`` (from :func:`build_mlswa_plan` for the same positions, windows and ``max_level``) may be
     passed to share it across layers.
@@ -176,8 +188,9 @@ def mlswa_row_stats(
     for level, level_lse in enumerate(result.level_lse):
         share = torch.exp(level_lse - lse)
         level_mass[..., level] = torch.where(real & torch.isfinite(level_lse), share, torch.zeros_like(share))
+    counts, level_counts = _allowed_key_counts(positions, plan, len(windows))
     return AttentionRowStats(
-        entropy.transpose(1, 2), _allowed_key_counts(positions, plan), level_mass.transpose(1, 2)
+        entropy.transpose(1, 2), counts, level_mass.transpose(1, 2), result.lse.transpose(1, 2), level_counts
     )
 
 

@@ -13,7 +13,18 @@ Definitions (DESIGN.md section 5):
 * level mass: the share of a row's probability arriving through the pairs each level adds
   (0 tokens, 1 sentences, 2 sections; the ``[DOC]`` links count in the top level), averaged over
   real rows;
-* flags on a mean entropy: < 1.0 "focused (possible collapse)", > 2.0 "diffuse".
+* hierarchy usage of level l: of the real rows that *have* a level-l link (a key that only level l,
+  or for the top level the ``[DOC]`` rule, allows), the mean share of attention through those links;
+* attention sinks: the share of a row's attention on the first ``SINK_TOKENS`` keys (``[DOC]``/[CLS]
+  and the first tokens), averaged over the rows that may attend at least one of them;
+* max logit: the largest scaled attention score ``q.k / sqrt(d)`` over allowed pairs;
+* health is judged on the normalised entropy, never on absolute nats (a row of an ML-SWA layer may
+  see 65 or 513 keys, where 4-6 nats is ordinary): below ``FOCUSED_BELOW`` the attention is
+  focused on about one key (possible collapse), above ``UNIFORM_ABOVE`` it is near-uniform (the
+  scores ignore content, as with random weights). Between two reports of one model (two
+  checkpoints, or two logging steps of a run) a fall of the normalised entropy to less than
+  ``COLLAPSE_RATIO`` of its earlier value is a collapse (the sharp fall that work on attention-entropy
+  collapse observes before training diverges).
 """
 
 from __future__ import annotations
@@ -27,30 +38,42 @@ import torch
 
 from lhtcli.core.attention import MLSWAPlan, build_mlswa_plan
 from lhtcli.core.mask import pair_level_map
+from lhtcli.core.pairs import mlswa_pair_stats
 from lhtcli.core.positions import HierarchicalPositions
 from lhtcli.core.probing import mlswa_attention_probs, mlswa_row_stats
 
 if TYPE_CHECKING:
     from lhtcli.model import LayerCapture
 
-FOCUSED_BELOW = 1.0
-DIFFUSE_ABOVE = 2.0
+# Thresholds on the normalised entropy (entropy / log #allowed keys), so that they mean the same
+# for a 65-key and a 513-key row. 0.1 leaves about n**0.1 effective keys (1.5 of 65, 1.9 of 513): one
+# key takes nearly everything. 0.98 is within 2% of the uniform distribution's entropy.
+FOCUSED_BELOW = 0.1
+UNIFORM_ABOVE = 0.98
+COLLAPSE_RATIO = 0.5  # a later normalised entropy below half of an earlier one is a collapse
+SINK_TOKENS = 4  # [DOC]/[CLS] and the first three tokens
 LEVEL_NAMES = ("tokens", "sentences", "sections")
-FLAG_TEXT = {"focused": "focused (possible collapse)", "diffuse": "diffuse"}
+FLAG_TEXT = {
+    "focused": "focused on about one key (possible collapse)",
+    "uniform": "near-uniform (scores ignore content)",
+    "collapse": "collapsed (normalised entropy fell sharply)",
+}
 INTERPRETATION = (
-    f"entropy in nats: < {FOCUSED_BELOW:g} very focused (possible collapse), > {DIFFUSE_ABOVE:g} diffuse, "
-    "1.5-2.5 typical; normalised entropy (entropy / log #allowed keys) compares rows fairly"
+    f"health is judged on normalised entropy (entropy / log #allowed keys, 0..1): < {FOCUSED_BELOW:g} "
+    f"focused on about one key (possible collapse), > {UNIFORM_ABOVE:g} near-uniform; a fall to less than "
+    f"{COLLAPSE_RATIO:g}x an earlier value is a collapse. Absolute nats depend on the window: an ML-SWA "
+    "row sees dozens to hundreds of keys, where 3-6 nats is ordinary"
 )
 
 
-def entropy_flag(value: float | None) -> str | None:
-    """ "focused" below 1.0 nats, "diffuse" above 2.0, else None."""
-    if value is None or math.isnan(value):
+def entropy_flag(normalized: float | None) -> str | None:
+    """ "focused" below ``FOCUSED_BELOW`` normalised entropy, "uniform" above ``UNIFORM_ABOVE``, else None."""
+    if normalized is None or math.isnan(normalized):
         return None
-    if value < FOCUSED_BELOW:
+    if normalized < FOCUSED_BELOW:
         return "focused"
-    if value > DIFFUSE_ABOVE:
-        return "diffuse"
+    if normalized > UNIFORM_ABOVE:
+        return "uniform"
     return None
 
 
@@ -69,10 +92,16 @@ class EntropyStats:
     normalized_mean: float | None
     level_mass: list[float]
     num_queries: int
+    sink_share: float | None = None  # mean over rows that can see a sink key
+    max_logit: float | None = None
+    hierarchy_usage: list[float | None] = field(default_factory=list)  # per level, over linked rows
+    linked_queries: list[int] = field(default_factory=list)  # per level: rows with such a link
+    # per level, over the same rows: the share uniform attention would give those links (#links / #keys)
+    hierarchy_uniform: list[float | None] = field(default_factory=list)
 
     @property
     def flag(self) -> str | None:
-        return entropy_flag(self.mean)
+        return entropy_flag(self.normalized_mean)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -84,6 +113,11 @@ class EntropyStats:
             "level_mass": list(self.level_mass),
             "num_queries": self.num_queries,
             "flag": self.flag,
+            "sink_share": self.sink_share,
+            "max_logit": self.max_logit,
+            "hierarchy_usage": list(self.hierarchy_usage),
+            "linked_queries": list(self.linked_queries),
+            "hierarchy_uniform": list(self.hierarchy_uniform),
         }
 
 
@@ -113,7 +147,13 @@ class EntropyReport:
         return {
             "units": "nats",
             "interpretation": INTERPRETATION,
-            "thresholds": {"focused_below": FOCUSED_BELOW, "diffuse_above": DIFFUSE_ABOVE},
+            "thresholds": {
+                "on": "normalized_mean",
+                "focused_below": FOCUSED_BELOW,
+                "uniform_above": UNIFORM_ABOVE,
+                "collapse_ratio": COLLAPSE_RATIO,
+                "sink_tokens": SINK_TOKENS,
+            },
             "levels": [level_name(lvl) for lvl in range(self.num_levels)],
             "num_sequences": self.num_sequences,
             "overall": self.overall.to_json(),
@@ -131,23 +171,111 @@ class EntropyReport:
         if self.overall.normalized_mean is not None:
             values["attention/entropy_normalized_mean"] = self.overall.normalized_mean
         for layer in self.layers:
-            values[f"attention_entropy/layer_{layer.layer}_mean"] = layer.stats.mean
-            values[f"attention_entropy/layer_{layer.layer}_std"] = layer.stats.std
+            i = layer.layer
+            values[f"attention_entropy/layer_{i}_mean"] = layer.stats.mean
+            values[f"attention_entropy/layer_{i}_std"] = layer.stats.std
+            if layer.stats.normalized_mean is not None:
+                values[f"attention_entropy/layer_{i}_normalized"] = layer.stats.normalized_mean
+            if layer.stats.sink_share is not None:
+                values[f"attention_sinks/layer_{i}"] = layer.stats.sink_share
+            if layer.stats.max_logit is not None:
+                values[f"attention_logits/layer_{i}_max"] = layer.stats.max_logit
+            for level in range(1, self.num_levels):
+                usage = layer.stats.hierarchy_usage[level] if level < len(layer.stats.hierarchy_usage) else None
+                if usage is not None:
+                    values[f"hierarchy_usage/layer_{i}_{level_name(level)}"] = usage
+                    base = layer.stats.hierarchy_uniform[level]
+                    if base:  # > 1: the layer prefers these links over what uniform attention gives them
+                        values[f"hierarchy_usage/layer_{i}_{level_name(level)}_vs_uniform"] = usage / base
         for level, mass in enumerate(self.overall.level_mass):
             values[f"attention/level_mass_{level}"] = mass
         return values
 
-    def warnings(self) -> list[str]:
-        """One line per layer whose mean entropy is flagged."""
+    def warnings(self, random_weights: bool = False) -> list[str]:
+        """One line per layer whose pooled normalised entropy is flagged.
+
+        A single head that is focused (a previous-token or sink head) or near-uniform (an averaging
+        head) can be a healthy specialisation, so heads are marked in the per-head table, not alarmed;
+        a whole layer focused or near-uniform is not (and a head's sharp fall is, see
+        :func:`collapse_warnings`)."""
         lines = []
+        hint = " (expected for random weights)" if random_weights else ""
         for layer in self.layers:
             flag = layer.stats.flag
             if flag is not None:
                 lines.append(
-                    f"layer {layer.layer}: mean attention entropy {layer.stats.mean:.3f} nats, "
-                    f"{FLAG_TEXT[flag]}"
+                    f"layer {layer.layer}: normalised attention entropy {layer.stats.normalized_mean:.3f} "
+                    f"({layer.stats.mean:.2f} nats), {FLAG_TEXT[flag]}{hint}"
                 )
         return lines
+
+    def flagged_heads(self) -> list[tuple[int, int, str]]:
+        """(layer, head, flag) of every head whose normalised entropy is flagged (informational)."""
+        return [
+            (layer.layer, h, head.flag)
+            for layer in self.layers
+            for h, head in enumerate(layer.heads)
+            if head.flag is not None
+        ]
+
+
+@dataclass
+class HeadChange:
+    """How one layer (head None) or head changed between two reports."""
+
+    layer: int
+    head: int | None
+    before: EntropyStats
+    after: EntropyStats
+
+    @property
+    def collapsed(self) -> bool:
+        a, b = self.before.normalized_mean, self.after.normalized_mean
+        return a is not None and b is not None and a > 0 and b < COLLAPSE_RATIO * a
+
+    def delta(self, key: str) -> float | None:
+        a, b = getattr(self.before, key), getattr(self.after, key)
+        return None if a is None or b is None else b - a
+
+    def to_json(self) -> dict[str, Any]:
+        keys = ("mean", "normalized_mean", "sink_share", "max_logit")
+        data: dict[str, Any] = {"layer": self.layer, "head": self.head, "collapsed": self.collapsed}
+        for key in keys:
+            data[key] = {"before": getattr(self.before, key), "after": getattr(self.after, key),
+                         "delta": self.delta(key)}
+        data["hierarchy_usage"] = {
+            "before": list(self.before.hierarchy_usage),
+            "after": list(self.after.hierarchy_usage),
+        }
+        return data
+
+
+def compare_reports(before: EntropyReport, after: EntropyReport) -> list[HeadChange]:
+    """Per layer (head None) and per head, in layer order; layers missing from either report are skipped."""
+    earlier = {layer.layer: layer for layer in before.layers}
+    changes = []
+    for layer in after.layers:
+        old = earlier.get(layer.layer)
+        if old is None:
+            continue
+        changes.append(HeadChange(layer.layer, None, old.stats, layer.stats))
+        for h, (a, b) in enumerate(zip(old.heads, layer.heads, strict=False)):
+            changes.append(HeadChange(layer.layer, h, a, b))
+    return changes
+
+
+def collapse_warnings(changes: Sequence[HeadChange], before: str = "before", after: str = "now") -> list[str]:
+    lines = []
+    collapsed_layers = {c.layer for c in changes if c.head is None and c.collapsed}
+    for c in changes:
+        if not c.collapsed or (c.head is not None and c.layer in collapsed_layers):
+            continue
+        where = f"layer {c.layer}" + ("" if c.head is None else f" head {c.head}")
+        lines.append(
+            f"{where}: normalised attention entropy fell from {c.before.normalized_mean:.3f} ({before}) to "
+            f"{c.after.normalized_mean:.3f} ({after}), {FLAG_TEXT['collapse']}"
+        )
+    return lines
 
 
 @dataclass
@@ -163,11 +291,33 @@ class _Moments:
     norm_total: float = 0.0
     norm_count: int = 0
     mass: list[float] = field(default_factory=list)
+    sink_total: float = 0.0
+    sink_count: int = 0
+    top_logit: float = -math.inf
+    usage_total: list[float] = field(default_factory=list)
+    usage_count: list[int] = field(default_factory=list)
+    uniform_total: list[float] = field(default_factory=list)
 
-    def add(self, entropy: torch.Tensor, normalized: torch.Tensor, mass: torch.Tensor) -> None:
-        """entropy [R], normalised [R] (NaN = excluded), mass [R, L] of real rows."""
-        if not self.mass:
-            self.mass = [0.0] * self.num_levels
+    def __post_init__(self) -> None:
+        self.mass = self.mass or [0.0] * self.num_levels
+        self.usage_total = self.usage_total or [0.0] * self.num_levels
+        self.usage_count = self.usage_count or [0] * self.num_levels
+        self.uniform_total = self.uniform_total or [0.0] * self.num_levels
+
+    def add(
+        self,
+        entropy: torch.Tensor,
+        normalized: torch.Tensor,
+        mass: torch.Tensor,
+        linked: torch.Tensor | None = None,
+        uniform: torch.Tensor | None = None,
+        sink: torch.Tensor | None = None,
+        sink_visible: torch.Tensor | None = None,
+        max_logit: torch.Tensor | None = None,
+    ) -> None:
+        """entropy [R], normalised [R] (NaN = excluded), mass [R, L] of real rows; optionally ``linked``
+        [R, L] bool (the row has a link of that level) with ``uniform`` [R, L] (the share of the row's keys
+        each level adds), sink mass [R] with its visibility [R] bool, and the rows' max logits [R]."""
         if entropy.numel() == 0:
             return
         self.count += entropy.numel()
@@ -178,8 +328,19 @@ class _Moments:
         valid = ~torch.isnan(normalized)
         self.norm_total += float(normalized[valid].sum())
         self.norm_count += int(valid.sum())
-        sums = mass.sum(0).tolist()
-        self.mass = [a + b for a, b in zip(self.mass, sums, strict=True)]
+        self.mass = [a + b for a, b in zip(self.mass, mass.sum(0).tolist(), strict=True)]
+        if linked is not None:
+            used = torch.where(linked, mass, torch.zeros_like(mass)).sum(0).tolist()
+            self.usage_total = [a + b for a, b in zip(self.usage_total, used, strict=True)]
+            self.usage_count = [a + int(b) for a, b in zip(self.usage_count, linked.sum(0).tolist(), strict=True)]
+            if uniform is not None:
+                base = torch.where(linked, uniform, torch.zeros_like(uniform)).sum(0).tolist()
+                self.uniform_total = [a + b for a, b in zip(self.uniform_total, base, strict=True)]
+        if sink is not None and sink_visible is not None:
+            self.sink_total += float(sink[sink_visible].sum())
+            self.sink_count += int(sink_visible.sum())
+        if max_logit is not None:
+            self.top_logit = max(self.top_logit, float(max_logit.max()))
 
     def merge(self, other: _Moments) -> None:
         self.count += other.count
@@ -189,8 +350,13 @@ class _Moments:
         self.high = max(self.high, other.high)
         self.norm_total += other.norm_total
         self.norm_count += other.norm_count
-        other_mass = other.mass or [0.0] * self.num_levels
-        self.mass = [a + b for a, b in zip(self.mass or [0.0] * self.num_levels, other_mass, strict=True)]
+        self.mass = [a + b for a, b in zip(self.mass, other.mass, strict=True)]
+        self.sink_total += other.sink_total
+        self.sink_count += other.sink_count
+        self.top_logit = max(self.top_logit, other.top_logit)
+        self.usage_total = [a + b for a, b in zip(self.usage_total, other.usage_total, strict=True)]
+        self.usage_count = [a + b for a, b in zip(self.usage_count, other.usage_count, strict=True)]
+        self.uniform_total = [a + b for a, b in zip(self.uniform_total, other.uniform_total, strict=True)]
 
     def stats(self) -> EntropyStats:
         if self.count == 0:
@@ -199,16 +365,35 @@ class _Moments:
         mean = self.total / self.count
         var = max(self.total_sq / self.count - mean * mean, 0.0)
         normalized = self.norm_total / self.norm_count if self.norm_count else None
-        mass = [m / self.count for m in (self.mass or [0.0] * self.num_levels)]
-        return EntropyStats(mean, math.sqrt(var), self.low, self.high, normalized, mass, self.count)
+        mass = [m / self.count for m in self.mass]
+        usage = [t / c if c else None for t, c in zip(self.usage_total, self.usage_count, strict=True)]
+        return EntropyStats(
+            mean,
+            math.sqrt(var),
+            self.low,
+            self.high,
+            normalized,
+            mass,
+            self.count,
+            sink_share=self.sink_total / self.sink_count if self.sink_count else None,
+            max_logit=self.top_logit if math.isfinite(self.top_logit) else None,
+            hierarchy_usage=usage,
+            linked_queries=list(self.usage_count),
+            hierarchy_uniform=[t / c if c else None for t, c in zip(self.uniform_total, self.usage_count, strict=True)],
+        )
 
 
 class EntropyAccumulator:
-    """Collects per-row entropy statistics over one or more captured forward passes."""
+    """Collects per-row entropy statistics over one or more captured forward passes.
 
-    def __init__(self, window_size_per_level: Sequence[int]) -> None:
+    ``pair_stats`` adds the attention-sink share and max logit (one more linear pass over the
+    allowed pairs of every layer, :func:`lhtcli.core.pairs.mlswa_pair_stats`).
+    """
+
+    def __init__(self, window_size_per_level: Sequence[int], pair_stats: bool = True) -> None:
         self.windows = [int(w) for w in window_size_per_level]
         self.num_levels = len(self.windows)
+        self.pair_stats = pair_stats
         self._heads: dict[int, list[_Moments]] = {}
         self._max_level: dict[int, int] = {}
         self.num_sequences = 0
@@ -226,14 +411,32 @@ class EntropyAccumulator:
             stats = mlswa_row_stats(
                 cap.q, cap.k, positions, self.windows, cap.max_level, plan=plans[cap.max_level]
             )
-            normalized = stats.normalized_entropy
             heads = self._heads.setdefault(
                 cap.layer, [_Moments(self.num_levels) for _ in range(cap.q.shape[2])]
             )
             self._max_level[cap.layer] = cap.max_level
-            entropy, normalized, mass = stats.entropy[real], normalized[real], stats.level_mass[real]
+            entropy, normalized, mass = stats.entropy[real], stats.normalized_entropy[real], stats.level_mass[real]
+            assert stats.level_key_counts is not None
+            level_counts = stats.level_key_counts[real].to(torch.float64)  # [R, L]
+            linked = level_counts > 0
+            uniform = level_counts / stats.key_counts[real].to(torch.float64).clamp(min=1)[:, None]
+            sink = visible = top = None
+            if self.pair_stats:
+                pair = mlswa_pair_stats(
+                    cap.q, cap.k, positions, self.windows, cap.max_level, lse=stats.lse, sink_tokens=SINK_TOKENS
+                )
+                sink, visible, top = pair.sink_mass[real], pair.sink_visible[real], pair.max_logit[real]
             for h, moments in enumerate(heads):
-                moments.add(entropy[:, h], normalized[:, h], mass[:, h])
+                moments.add(
+                    entropy[:, h],
+                    normalized[:, h],
+                    mass[:, h],
+                    linked,
+                    uniform,
+                    None if sink is None else sink[:, h],
+                    visible,
+                    None if top is None else top[:, h],
+                )
         self.num_sequences += positions.batch_size
 
     def report(self) -> EntropyReport:
@@ -364,15 +567,20 @@ def attention_map(
 
 
 __all__ = [
-    "DIFFUSE_ABOVE",
+    "COLLAPSE_RATIO",
     "FLAG_TEXT",
     "FOCUSED_BELOW",
     "INTERPRETATION",
+    "SINK_TOKENS",
+    "UNIFORM_ABOVE",
     "AttentionMap",
     "EntropyAccumulator",
     "EntropyReport",
     "EntropyStats",
+    "HeadChange",
     "LayerEntropy",
+    "collapse_warnings",
+    "compare_reports",
     "attention_map",
     "capture_attention",
     "entropy_flag",

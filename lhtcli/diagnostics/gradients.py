@@ -142,8 +142,14 @@ class GradientReport:
         return groups
 
     def flow(self) -> list[ParamGradient]:
-        """The parameters a gradient-flow chart shows: everything but the embeddings, in model order."""
-        return [p for p in self.params if p.kind != "embeddings"]
+        """The parameters a gradient-flow chart shows, embeddings first (their own group), then the
+        blocks in model order, then the final norm and head."""
+        def order(p: ParamGradient) -> int:
+            if p.layer is not None:
+                return 1
+            return 0 if p.kind == "embeddings" else 2
+
+        return sorted(self.params, key=order)  # stable: model order within each part
 
     def warnings(self) -> list[str]:
         lines = []
@@ -211,6 +217,20 @@ def report_from_norms(norms: dict[str, float | None]) -> GradientReport:
     return GradientReport(params, total)
 
 
+def compare_gradients(before: GradientReport, after: GradientReport) -> list[dict[str, Any]]:
+    """Per group (embeddings, each layer's blocks, output): the L2 norm in both reports and their ratio,
+    in the order of ``after``'s groups; a group missing from one report has None there."""
+    earlier = {(g.layer, g.kind): g for g in before.groups()}
+    rows = []
+    for g in after.groups():
+        old = earlier.get((g.layer, g.kind))
+        a = old.norm if old is not None else None
+        ratio = g.norm / a if a else None
+        rows.append({"layer": g.layer, "kind": g.kind, "label": g.label, "before": a, "after": g.norm,
+                     "ratio": ratio, "problems_after": g.problems})
+    return rows
+
+
 def attention_gradcheck(seed: int = 0) -> list[dict[str, Any]]:
     """Autograd vs finite differences of the exact ML-SWA attention, float64, tiny shapes.
 
@@ -275,6 +295,7 @@ __all__ = [
     "ParamGradient",
     "attention_gradcheck",
     "classify_parameter",
+    "compare_gradients",
     "gradient_report",
     "parameter_gradient_norms",
     "report_from_norms",

@@ -7,10 +7,17 @@ The training loop calls, on a due step::
     visualizer.log(step, model, batch, norms)
 
 ``log`` runs one extra forward pass in eval mode without gradients (restoring train mode) and logs
-to the run's logger: the layer-0 heatmap ``attention/layer_0``, the MLM prediction table
+to the run's logger: the layer-0 heatmap ``attention/layer_0``, the last layer's attention pooled to
+sentence x sentence ``attention/document_map``, the reachability chart ``attention/reachability``
+(once: it depends on the mask alone), the MLM prediction table
 ``predictions/step_{N}``, the gradient-flow chart ``gradients/flow`` and the entropy scalars
-(``attention/entropy_*``, ``attention_entropy/layer_{i}_*``, ``attention/level_mass_{l}``).
-Vanishing/exploding gradients and entropy collapse are printed as one-line warnings.
+(``attention/entropy_*``, ``attention_entropy/layer_{i}_*`` including ``_normalized``,
+``attention/level_mass_{l}``), and per layer the hierarchy usage ``hierarchy_usage/layer_{i}_{level}``
+(of the queries with such links, the share of attention through them: the curve that shows whether
+the hierarchy is learned), the attention-sink share ``attention_sinks/layer_{i}`` and the largest
+logit ``attention_logits/layer_{i}_max``. Vanishing/exploding gradients, attention focused on one
+key, and a collapse (normalised entropy of a layer or head falling below half of its value at the
+previous logging step) are printed as one-line warnings.
 """
 
 from __future__ import annotations
@@ -21,9 +28,18 @@ import torch
 from rich.console import Console
 
 from lhtcli.config import LHTConfig
-from lhtcli.diagnostics.attention_stats import EntropyAccumulator, attention_map
+from lhtcli.diagnostics.attention_stats import (
+    FOCUSED_BELOW,
+    EntropyAccumulator,
+    EntropyReport,
+    attention_map,
+    collapse_warnings,
+    compare_reports,
+)
+from lhtcli.diagnostics.docmap import capture_map
 from lhtcli.diagnostics.gradients import report_from_norms
 from lhtcli.diagnostics.predictions import PREDICTION_COLUMNS, mlm_predictions, prediction_rows, token_namer
+from lhtcli.diagnostics.reach import default_sources, reachability
 
 HEATMAP_TOKENS = 60
 PREDICTION_SAMPLES = 4
@@ -46,6 +62,8 @@ class TrainingVisualizer:
         self.logger = logger
         self.console = console or Console(stderr=True)
         self._name = token_namer(tokenizer)
+        self._previous: tuple[EntropyReport, int] | None = None  # the last logged report, for the trend
+        self._reach_logged = False
 
     def start_message(self) -> str:
         return f"✓ Visualization callbacks enabled (logging every {self.every} steps)"
@@ -77,7 +95,13 @@ class TrainingVisualizer:
     def log(
         self, step: int, model: torch.nn.Module, batch: Any, grad_norms: dict[str, float | None] | None
     ) -> None:
-        from lhtcli.render.figures import attention_heatmap, close_figure, gradient_flow_figure
+        from lhtcli.render.figures import (
+            attention_heatmap,
+            close_figure,
+            document_map_figure,
+            gradient_flow_figure,
+            reach_figure,
+        )
 
         was_training = model.training
         model.eval()
@@ -96,6 +120,25 @@ class TrainingVisualizer:
             self.logger.log_figure("attention/layer_0", fig, step)
         finally:
             close_figure(fig)
+
+        # the last layer's attention pooled to sentences: does it reach beyond its own sentence?
+        top = out.captures[-1]
+        dmap = capture_map(top, positions, self.windows, tokens, "sentences")
+        fig = document_map_figure([dmap], title=f"Layer {top.layer} attention between sentences, step {step}")
+        try:
+            self.logger.log_figure("attention/document_map", fig, step)
+        finally:
+            close_figure(fig)
+        if not self._reach_logged:  # the mask graph does not change during training: once is enough
+            self._reach_logged = True
+            one = positions[0:1].to("cpu")
+            sources = default_sources(one)
+            reach = reachability(one, self.windows, [c.max_level for c in out.captures], sources)
+            fig = reach_figure(reach)
+            try:
+                self.logger.log_figure("attention/reachability", fig, step)
+            finally:
+                close_figure(fig)
 
         predictions = mlm_predictions(
             out.mlm_logits, batch.labels, batch.input_ids, self.tokenizer, max_samples=PREDICTION_SAMPLES
@@ -124,10 +167,19 @@ class TrainingVisualizer:
         acc.add(out.captures, positions)
         entropy = acc.report()
         self.logger.log_scalars(entropy.scalars(), step)
-        collapsed = [layer for layer in entropy.layers if layer.stats.flag == "focused"]
-        if collapsed:
-            detail = ", ".join(f"layer {layer.layer} {layer.stats.mean:.2f}" for layer in collapsed)
-            self._warn(f"step {step}: attention entropy below 1.0 nats (possible collapse): {detail}")
+        focused = [layer for layer in entropy.layers if layer.stats.flag == "focused"]
+        if focused:
+            detail = ", ".join(f"layer {layer.layer} {layer.stats.normalized_mean:.3f}" for layer in focused)
+            self._warn(
+                f"step {step}: normalised attention entropy below {FOCUSED_BELOW:g} (focused on about one key, "
+                f"possible collapse): {detail}"
+            )
+        # the trend: a sharp fall since the previous logging step is a collapse, whatever the level
+        if self._previous is not None:
+            before, previous_step = self._previous
+            for line in collapse_warnings(compare_reports(before, entropy), f"step {previous_step}", f"step {step}"):
+                self._warn(line)
+        self._previous = (entropy, step)
 
 
 __all__ = ["TrainingVisualizer"]

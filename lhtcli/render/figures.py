@@ -8,16 +8,21 @@ with :func:`save_figure`, which also closes it.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from lhtcli.errors import LHTError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from lhtcli.core.positions import HierarchicalPositions
     from lhtcli.diagnostics.attention_stats import AttentionMap, EntropyReport
+    from lhtcli.diagnostics.docmap import DocumentMap
     from lhtcli.diagnostics.gradients import GradientReport
+    from lhtcli.diagnostics.reach import Reachability
 
 MASKED_COLOR = "#b0b0b0"  # masked-out pairs: grey, distinct from the near-white of weak attention
 MASKED_HATCH = "////"
@@ -71,9 +76,16 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
     path = Path(path)
     if not path.suffix:
         path = path.with_suffix(".png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fig.savefig(path, dpi=dpi)
+    try:  # into a temporary file first: a failed write never damages an existing image
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            fig.savefig(temporary, dpi=dpi, format=path.suffix.lstrip(".").lower() or "png")
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+    except OSError as exc:
+        raise LHTError(f"cannot write the figure to {path} ({exc.strerror or exc}); choose another --output") from None
     finally:
         close_figure(fig)
     return path
@@ -274,14 +286,20 @@ def mask_figure(
 
 
 def _param_label(name: str) -> str:
-    for prefix in ("blocks.", "layers."):
-        if name.startswith(prefix):
-            name = name[len(prefix) :]
-    return name.replace(".weight", ".w").replace(".bias", ".b")
+    """The name without its ``blocks.N.`` prefix (the layer is the group label above the bars)."""
+    import re
+
+    return re.sub(r"^(?:blocks|layers|h)\.\d+\.", "", name)
+
+
+def _flow_group(p: Any) -> str:
+    if p.layer is not None:
+        return f"layer {p.layer}"
+    return "embeddings" if p.kind == "embeddings" else "output"
 
 
 def gradient_flow_figure(report: GradientReport, title: str | None = None) -> Figure:
-    """Log-scale gradient L2 norm per parameter (embeddings excluded), grouped by layer.
+    """Log-scale gradient L2 norm per parameter, grouped: embeddings, each layer, output (final norm, head).
 
     Blue: normal; red: vanishing (< 1e-5); orange: exploding (> 10). Zero, missing and non-finite
     gradients are drawn at a floor value with a marker instead of being dropped.
@@ -297,7 +315,9 @@ def gradient_flow_figure(report: GradientReport, title: str | None = None) -> Fi
     positive = [p.norm for p in params if p.norm is not None and math.isfinite(p.norm) and p.norm > 0]
     floor = min([VANISHING_BELOW / 100, *(v / 10 for v in positive)])
     top = max([EXPLODING_ABOVE * 10, *(v * 3 for v in positive)])
-    fig = new_figure(min(max(6.0, 0.22 * len(params) + 2.0), 30.0), 5.0)
+    longest = max(len(_param_label(p.name)) for p in params)
+    # bars wide enough for a 7-point label each, and room below the axis for the longest one
+    fig = new_figure(min(max(6.0, 0.2 * len(params) + 2.0), 40.0), 3.6 + 0.075 * longest)
     ax = fig.add_subplot(1, 1, 1)
     xs = list(range(len(params)))
     heights, colors, markers = [], [], []
@@ -327,7 +347,7 @@ def gradient_flow_figure(report: GradientReport, title: str | None = None) -> Fi
     # group separators and labels per layer
     groups: list[tuple[str, int, int]] = []
     for x, p in zip(xs, params, strict=True):
-        key = f"layer {p.layer}" if p.layer is not None else p.kind
+        key = _flow_group(p)
         if groups and groups[-1][0] == key:
             groups[-1] = (key, groups[-1][1], x)
         else:
@@ -344,7 +364,7 @@ def gradient_flow_figure(report: GradientReport, title: str | None = None) -> Fi
             va="bottom",
             fontsize=7,
         )
-    ax.set_xticks(xs, [_param_label(p.name) for p in params], rotation=90, fontsize=6)
+    ax.set_xticks(xs, [_param_label(p.name) for p in params], rotation=90, fontsize=7)
     ax.set_xlim(-0.6, len(params) - 0.4)
     ax.set_ylabel("gradient L2 norm (log)")
     ax.set_title(title or f"Gradient flow (total norm {report.total_norm:.3g})", fontsize=10, pad=14)
@@ -364,8 +384,9 @@ def gradient_flow_figure(report: GradientReport, title: str | None = None) -> Fi
 
 
 def entropy_figure(report: EntropyReport, title: str | None = None) -> Figure:
-    """Mean entropy (± std, min-max range) and normalised entropy per layer, with each head as a dot."""
-    from lhtcli.diagnostics.attention_stats import DIFFUSE_ABOVE, FOCUSED_BELOW
+    """Mean entropy (± std, min-max range) and normalised entropy per layer (with the health thresholds),
+    each head as a dot."""
+    from lhtcli.diagnostics.attention_stats import FOCUSED_BELOW, UNIFORM_ABOVE
 
     layers = [layer.layer for layer in report.layers]
     fig = new_figure(max(6.0, 0.6 * len(layers) + 5.0), 3.8)
@@ -386,20 +407,6 @@ def entropy_figure(report: EntropyReport, title: str | None = None) -> Figure:
         ax_raw.scatter(
             [layer.layer] * len(layer.heads), [h.mean for h in layer.heads], s=10, color="#08519c", zorder=3
         )
-    ax_raw.axhline(
-        FOCUSED_BELOW,
-        color=GRAD_COLORS["vanishing"],
-        linestyle=":",
-        linewidth=1,
-        label=f"< {FOCUSED_BELOW:g} focused",
-    )
-    ax_raw.axhline(
-        DIFFUSE_ABOVE,
-        color=GRAD_COLORS["exploding"],
-        linestyle=":",
-        linewidth=1,
-        label=f"> {DIFFUSE_ABOVE:g} diffuse",
-    )
     ax_raw.set_xlabel("layer")
     ax_raw.set_ylabel("entropy (nats)")
     ax_raw.set_title("Attention entropy", fontsize=10)
@@ -411,6 +418,12 @@ def entropy_figure(report: EntropyReport, title: str | None = None) -> Figure:
     for layer in report.layers:
         values = [h.normalized_mean for h in layer.heads if h.normalized_mean is not None]
         ax_norm.scatter([layer.layer] * len(values), values, s=10, color="#006d2c", zorder=3)
+    # health is judged on the normalised entropy: its thresholds belong on this panel
+    ax_norm.axhline(FOCUSED_BELOW, color=GRAD_COLORS["vanishing"], linestyle=":", linewidth=1,
+                    label=f"< {FOCUSED_BELOW:g} focused")
+    ax_norm.axhline(UNIFORM_ABOVE, color=GRAD_COLORS["exploding"], linestyle=":", linewidth=1,
+                    label=f"> {UNIFORM_ABOVE:g} near-uniform")
+    ax_norm.legend(fontsize=6, loc="lower right")
     ax_norm.set_ylim(0, 1.05)
     ax_norm.set_xlabel("layer")
     ax_norm.set_ylabel("entropy / log(#allowed keys)")
@@ -422,9 +435,135 @@ def entropy_figure(report: EntropyReport, title: str | None = None) -> Figure:
     return fig
 
 
+def entropy_comparison_figure(
+    before: EntropyReport, after: EntropyReport, labels: tuple[str, str], title: str | None = None
+) -> Figure:
+    """Two checkpoints side by side per layer: normalised entropy (bars, heads as dots) and hierarchy usage
+    of the highest level with links (of the queries that have such links, the share through them)."""
+    from lhtcli.diagnostics.attention_stats import FOCUSED_BELOW, UNIFORM_ABOVE
+
+    fig = new_figure(max(7.0, 1.2 * len(after.layers) + 4.0), 3.8)
+    ax_norm = fig.add_subplot(1, 2, 1)
+    ax_use = fig.add_subplot(1, 2, 2)
+    colors = ("#9ecae1", "#fd8d3c")
+    width = 0.38
+    for i, (report, label) in enumerate(((before, labels[0]), (after, labels[1]))):
+        xs = [layer.layer + (i - 0.5) * width for layer in report.layers]
+        norm = [layer.stats.normalized_mean or 0.0 for layer in report.layers]
+        ax_norm.bar(xs, norm, width=width, color=colors[i], edgecolor="#555555", label=label)
+        for x, layer in zip(xs, report.layers, strict=True):
+            heads = [h.normalized_mean for h in layer.heads if h.normalized_mean is not None]
+            ax_norm.scatter([x] * len(heads), heads, s=8, color="#222222", zorder=3)
+        usage = []
+        for layer in report.layers:
+            used = [u for u in layer.stats.hierarchy_usage[1:] if u is not None]
+            usage.append(100 * used[-1] if used else 0.0)
+        ax_use.bar(xs, usage, width=width, color=colors[i], edgecolor="#555555", label=label)
+    ax_norm.axhline(FOCUSED_BELOW, color=GRAD_COLORS["vanishing"], linestyle=":", linewidth=1)
+    ax_norm.axhline(UNIFORM_ABOVE, color=GRAD_COLORS["exploding"], linestyle=":", linewidth=1)
+    ax_norm.set_ylim(0, 1.05)
+    ax_norm.set_ylabel("entropy / log(#allowed keys)")
+    ax_norm.set_title("Normalised entropy (dots: heads)", fontsize=10)
+    ax_use.set_ylabel("% of linked queries' attention")
+    ax_use.set_title("Hierarchy usage (highest level with links)", fontsize=10)
+    for ax in (ax_norm, ax_use):
+        ax.set_xlabel("layer")
+        ax.set_xticks([layer.layer for layer in after.layers])
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+MAP_LABELS_UP_TO = 60  # units whose labels are written on the axes; beyond, every k-th ordinal
+
+
+def _draw_document_map(ax: Any, dmap: DocumentMap) -> Any:
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.colors import LogNorm
+
+    values = dmap.matrix.numpy()
+    positive = values[values > 0]
+    vmin = max(float(positive.min()) if positive.size else 1e-6, 1e-5)
+    vmax = max(float(values.max()), vmin * 10)
+    cmap = colormaps["magma_r"].with_extremes(bad=MASKED_COLOR)  # no allowed pair between the two units
+    shown = np.ma.masked_where(values <= 0, values)
+    image = ax.imshow(shown, cmap=cmap, norm=LogNorm(vmin=vmin, vmax=vmax), interpolation="nearest",
+                      aspect="equal")
+    u = values.shape[0]
+    if u <= MAP_LABELS_UP_TO:
+        labels = [_short(label, 18) for label in dmap.labels]
+        size = 7 if u <= 30 else 5
+        ax.set_xticks(range(u), labels, rotation=90, fontsize=size)
+        ax.set_yticks(range(u), labels, fontsize=size)
+    else:
+        step = max(1, math.ceil(u / 20))
+        ticks = list(range(0, u, step))
+        ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=6)
+        ax.set_yticks(ticks, [str(t) for t in ticks], fontsize=6)
+    ax.tick_params(length=0)
+    for p in dmap.sequence_breaks:
+        if p > 0:
+            ax.axvline(p - 0.5, **SECTION_LINE)
+            ax.axhline(p - 0.5, **SECTION_LINE)
+    who = "mean over heads" if dmap.head is None else f"head {dmap.head}"
+    unit = dmap.unit if dmap.unit != "tokens" else "tokens"
+    ax.set_title(
+        f"Layer {dmap.layer}: {unit} x {unit} ({who})\ntokens {dmap.start}-{dmap.stop - 1}, {u} units",
+        fontsize=9,
+    )
+    ax.set_xlabel(f"key {unit[:-1]}", fontsize=8)
+    ax.set_ylabel(f"query {unit[:-1]}", fontsize=8)
+    return image
+
+
+def document_map_figure(maps: Sequence[DocumentMap], title: str | None = None) -> Figure:
+    """Pooled attention maps, one panel per (layer, unit), rows = layers; log colour scale (the diagonal
+    dominates), grey = no allowed pair, red lines = where the model's sequences split the document."""
+    layers = sorted({m.layer for m in maps})
+    units = list(dict.fromkeys(m.unit for m in maps))
+    by_key = {(m.layer, m.unit): m for m in maps}
+    fig = new_figure(5.2 * len(units) + 0.6, 4.8 * len(layers))
+    for r, layer in enumerate(layers):
+        for c, unit in enumerate(units):
+            ax = fig.add_subplot(len(layers), len(units), r * len(units) + c + 1)
+            dmap = by_key.get((layer, unit))
+            if dmap is None:
+                ax.axis("off")
+                continue
+            image = _draw_document_map(ax, dmap)
+            fig.colorbar(image, ax=ax, shrink=0.8, label="mean attention of a query token (log)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def reach_figure(reach: Reachability, title: str | None = None) -> Figure:
+    """For each source, after layer k (rows): the tokens its information can have reached (dark)."""
+    import numpy as np
+
+    sources = reach.sources
+    fig = new_figure(9.0, 1.2 + 1.1 * len(sources) * max(1, len(reach.layers)) ** 0.5)
+    for i, source in enumerate(sources):
+        ax = fig.add_subplot(len(sources), 1, i + 1)
+        grid = np.array([[1.0 if r else 0.0 for r in row] for row in reach.reached[i]])
+        ax.imshow(grid, cmap="Blues", vmin=0, vmax=1.2, aspect="auto", interpolation="nearest")
+        ax.set_yticks(range(len(reach.layers)), [f"after {k + 1}" for k in range(len(reach.layers))], fontsize=6)
+        ax.set_title(f"from token {source} ({reach.labels[i]})", fontsize=8)
+        ax.set_xlabel("token", fontsize=7)
+        ax.tick_params(labelsize=6)
+    fig.suptitle(title or "Reachability: which tokens information from a source can reach after k layers",
+                 fontsize=9)
+    return fig
+
+
 __all__ = [
     "attention_heatmap",
     "close_figure",
+    "document_map_figure",
+    "entropy_comparison_figure",
+    "reach_figure",
     "entropy_figure",
     "gradient_flow_figure",
     "mask_figure",

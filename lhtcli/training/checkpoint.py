@@ -338,6 +338,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                               "written by lht export")
     try:
         checksummed = verify_file_checksum(path)
+        with path.open("rb") as handle:  # neither a torch zip nor a pickle (a corpus, a config, random bytes)
+            head = handle.read(4)
+        if not head.startswith(b"PK\x03\x04") and head[:1] != b"\x80":
+            raise CheckpointError(f"{path} is not a readable lht checkpoint (not a PyTorch file); "
+                                  "pass a .ckpt written by lht train")
         raw = torch.load(path, map_location=map_location, weights_only=True)
     except CheckpointError:
         raise

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 import signal
 import time
 from contextlib import nullcontext
@@ -34,7 +33,9 @@ from lhtcli.training.metrics import MetricsFile, evaluate_sums, metrics_from_sum
 from lhtcli.training.optimizer import build_adamw, keep_fused
 from lhtcli.training.preflight import check_disk_space, check_output_dirs
 from lhtcli.training.progress import TrainingDisplay
+from lhtcli.training.rng import restore_rng, rng_state, seed_everything
 from lhtcli.training.schedule import apply_lr
+from lhtcli.training.stopping import Interrupted, StopRequest
 
 
 class TrainingStopped(LHTError):
@@ -53,6 +54,37 @@ class TrainingSummary:
     tokens_per_second: float = 0.0
 
 
+@dataclass
+class _LoopState:
+    """What the loop carries from step to step."""
+
+    summary: TrainingSummary
+    best_val: float = math.inf
+    bad_steps: int = 0  # NaN/Inf steps in a row
+    tokens_total: int = 0
+    window_tokens: int = 0  # since the last logged step
+    started: float = field(default_factory=time.perf_counter)
+    window_start: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _StepOutcome:
+    """One step as every rank agrees on it (the loss averaged over ranks, tokens summed, flags OR-ed)."""
+
+    step: int
+    loss: float
+    tokens: int
+    elapsed: float  # training seconds across resumes, mean over ranks
+    out_of_time: bool
+    stopping: bool  # a signal asked the run to stop
+    started: float  # perf_counter at the step's start
+    batch: Any  # the last micro-batch (the visuals look at it)
+    updated: bool = False  # False: skipped (NaN/Inf loss or gradient norm)
+    lr: float = 0.0
+    grad_norm: float = 0.0
+    grad_norms: Any = None  # per-parameter norms for the visuals, on steps they are due
+
+
 def resolve_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda was requested but no CUDA device is available (use --device cpu or auto)")
@@ -61,66 +93,12 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any] | None) -> None:
-    if not state:
-        return
-    torch.set_rng_state(state["torch"])
-    python_state = state["python"]
-    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def autocast_for(device: torch.device, precision: str):
     """bf16/fp16 autocast on CUDA; CPU trains in fp32 whatever the config says (DESIGN.md)."""
     if device.type != "cuda" or precision == "none":
         return nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast("cuda", dtype=dtype)
-
-
-class _StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints and exits 130/143."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopRequest:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. inside some test runners)
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-class Interrupted(LHTError):
-    def __init__(self, signum: int, checkpoint: Path | None) -> None:
-        where = f"; checkpoint saved to {checkpoint}" if checkpoint else ""
-        super().__init__(f"training interrupted by {signal.Signals(signum).name}{where} (resume with --resume auto)")
-        self.exit_code = 128 + signum
 
 
 def _load_resume(cfg: LHTConfig, resume: str | None, warn=None) -> Checkpoint | None:
@@ -183,6 +161,7 @@ class Trainer:
         self.val_batches = shard(self.data.val_batches, self.dist)
         self.model = build_model(cfg, self.data.tokenizer.vocab_size).to(self.device)
         self.optimizer = build_adamw(self.model, self.tcfg.learning_rate, self.tcfg.weight_decay)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         if self.dist.is_main:
             check_disk_space(cfg.checkpoint_dir(), self.model, self.tcfg.keep_checkpoints, self.warn)
         self._prepare_attention_kernel()
@@ -299,17 +278,6 @@ class Trainer:
         sums = evaluate_sums(self.model, self.val_batches, self.device, self.autocast)
         return metrics_from_sums(*self.dist.sum(sums, self.device))
 
-    def _skip(self, step: int, what: str, value: float, bad_steps: int) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler:
-            self.scaler.update()
-        self.warn(f"step {step}: {what} is {value}; skipping this update ({bad_steps} in a row)")
-        if bad_steps >= self.tcfg.max_bad_steps:
-            raise TrainingStopped(
-                f"{bad_steps} consecutive steps had a NaN/Inf {what} (last at step {step}); stopping. "
-                f"The last good checkpoint is in {self.ckpt_dir}. Lower training.learning_rate or check the data."
-            )
-
     def _log_visuals(self, step: int, batch: Any, grad_norms: Any) -> None:
         try:
             self.visualizer.log(step, self.model, batch, grad_norms)
@@ -317,116 +285,147 @@ class Trainer:
             self.warn(f"visualisation at step {step} failed ({type(exc).__name__}: {exc}); training continues")
 
     def run(self) -> TrainingSummary:
-        tcfg, display = self.tcfg, TrainingDisplay(self.console, self.quiet)
-        display.startup(self.cfg, self.model, self.data, self.device, self.logger.names, self.start_step,
-                        world_size=self.dist.world_size)
-        if self.visualizer is not None:
-            self.console.print(self.visualizer.start_message())
-        self.logger.log_config(self.cfg.to_dict())
-        summary = TrainingSummary(steps=self.start_step, train_loss=None)
-        best_val, bad_steps = math.inf, 0
-        started = window_start = self.invocation_start = time.perf_counter()
-        window_tokens = tokens_total = 0
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        step = self.start_step
+        """Train from ``start_step`` to ``num_steps``: each step trains, reports, evaluates when due, then
+        checkpoints when due and stops on a signal or at the time limit."""
+        display = TrainingDisplay(self.console, self.quiet)
+        self._announce(display)
+        loop = _LoopState(TrainingSummary(steps=self.start_step, train_loss=None))
+        self.invocation_start = loop.started
         try:
-            with _StopRequest() as stop, display.progress(self.start_step, tcfg.num_steps) as progress:
-                while step < tcfg.num_steps:
-                    self.model.train()
-                    step_start = time.perf_counter()
-                    loss_sum, step_tokens, batch = self.accumulate()
-                    step += 1
-                    elapsed = self.elapsed()
-                    out_of_time = tcfg.time_limit_minutes is not None and elapsed > 60 * tcfg.time_limit_minutes
-                    # One collective per step keeps every rank's decisions (skip, stop) and, through the
-                    # mean elapsed time, its learning rate identical.
-                    loss_sum, step_tokens, out_of_time, stopping, elapsed = self.dist.sum(
-                        [loss_sum, step_tokens, float(out_of_time), float(stop.signum is not None), elapsed],
-                        self.device)
-                    loss_sum /= self.dist.world_size
-                    elapsed /= self.dist.world_size
-                    if self.warmup_seconds is None and step >= tcfg.warmup_steps:
-                        self.warmup_seconds = elapsed if tcfg.warmup_steps else 0.0
-                    if not math.isfinite(loss_sum):
-                        bad_steps += 1
-                        self._skip(step, "loss", loss_sum, bad_steps)
-                        if stopping or out_of_time:  # a skipped step must not swallow a stop request
-                            summary.last_checkpoint = self.snapshot(step, {"train_loss": summary.train_loss})
-                            if stopping:
-                                raise Interrupted(stop.signum or signal.SIGTERM, summary.last_checkpoint)
-                            summary.stopped = f"time limit reached at step {step}"
-                            break
-                        continue
-                    if self.scaler:
-                        self.scaler.unscale_(self.optimizer)
-                    viz_due = self.visualizer is not None and self.visualizer.due(step)
-                    grad_norms = self.visualizer.gradient_norms(self.model) if viz_due else None
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm))
-                    if not math.isfinite(grad_norm):
-                        bad_steps += 1
-                        self._skip(step, "gradient norm", grad_norm, bad_steps)
-                        if stopping or out_of_time:  # a skipped step must not swallow a stop request
-                            summary.last_checkpoint = self.snapshot(step, {"train_loss": summary.train_loss})
-                            if stopping:
-                                raise Interrupted(stop.signum or signal.SIGTERM, summary.last_checkpoint)
-                            summary.stopped = f"time limit reached at step {step}"
-                            break
-                        continue
-                    bad_steps = 0
-                    lr = apply_lr(self.optimizer, tcfg, step - 1, elapsed, self.warmup_seconds or 0.0)
-                    if self.scaler:
-                        self.scaler.step(self.optimizer)
-                        self.scaler.update()
-                    else:
-                        self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    window_tokens += int(step_tokens)
-                    tokens_total += int(step_tokens)
-                    summary.train_loss, summary.steps = loss_sum, step
-
-                    if step % tcfg.log_every == 0 or step == tcfg.num_steps:
-                        window_seconds = max(time.perf_counter() - window_start, 1e-9)
-                        scalars = {
-                            "train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm,
-                            "train/tokens_per_second": window_tokens / window_seconds,
-                            "train/seconds_per_step": time.perf_counter() - step_start,
-                            "train/peak_memory_mb": peak_memory_mb(self.device),
-                        }
-                        self._record(scalars, step)
-                        window_tokens, window_start = 0, time.perf_counter()
-                    progress.update(step, loss_sum, lr, tokens_total / max(time.perf_counter() - started, 1e-9))
-                    if viz_due:
-                        self._log_visuals(step, batch, grad_norms)
-
-                    final = step == tcfg.num_steps
-                    if step % tcfg.eval_every == 0 or final or out_of_time:
-                        val = self.validate()
-                        if val:
-                            self._record({f"val/{k}": v for k, v in val.items()}, step)
-                            summary.val = val
-                            progress.note(f"step {step}: val loss {val['loss']:.3f}, "
-                                          f"accuracy {val['accuracy']:.1%}")
-                            if val["loss"] < best_val:
-                                best_val = val["loss"]
-                                summary.best_checkpoint = self.ckpt_dir / f"checkpoint-{step}.ckpt"
-                    if step % tcfg.save_every == 0 or final or out_of_time or stopping:
-                        summary.last_checkpoint = self.snapshot(step, {"train_loss": loss_sum, **summary.val})
-                    if stopping:
-                        raise Interrupted(stop.signum or signal.SIGTERM, summary.last_checkpoint)
-                    if out_of_time:
-                        summary.stopped = f"time limit ({tcfg.time_limit_minutes:g} min) reached at step {step}"
+            with StopRequest() as stop, display.progress(self.start_step, self.tcfg.num_steps) as progress:
+                for step in range(self.start_step + 1, self.tcfg.num_steps + 1):
+                    outcome = self.train_step(step, stop, loop)
+                    if outcome.updated:
+                        self._report(outcome, loop, progress)
+                        self._evaluate_if_due(outcome, loop, progress)
+                    if self._checkpoint_or_stop(outcome, loop, stop):
                         break
         except KeyboardInterrupt:
             # A second Ctrl-C lands anywhere, even inside optimizer.step(): the weights in memory may be
             # half updated, so nothing is saved from them; the last complete checkpoint stands.
             self.close()
-            raise Interrupted(signal.SIGINT, summary.last_checkpoint) from None
+            raise Interrupted(signal.SIGINT, loop.summary.last_checkpoint) from None
         except BaseException:
             self.close()
             raise
+        return self._finish(loop, display)
+
+    def _announce(self, display: TrainingDisplay) -> None:
+        display.startup(self.cfg, self.model, self.data, self.device, self.logger.names, self.start_step,
+                        world_size=self.dist.world_size)
+        if self.visualizer is not None:
+            self.console.print(self.visualizer.start_message())
+        self.logger.log_config(self.cfg.to_dict())
+
+    def train_step(self, step: int, stop: StopRequest, loop: _LoopState) -> _StepOutcome:
+        """Forward/backward over the micro-batches, then clip and update, unless the loss or the gradient
+        norm is NaN/Inf: then the update is skipped (and too many such steps in a row end the run)."""
+        self.model.train()
+        started = time.perf_counter()
+        loss_sum, tokens, batch = self.accumulate()
+        outcome = self._agree(step, loss_sum, tokens, stop, started, batch)
+        if self.warmup_seconds is None and step >= self.tcfg.warmup_steps:
+            self.warmup_seconds = outcome.elapsed if self.tcfg.warmup_steps else 0.0
+        if not math.isfinite(outcome.loss):
+            self._skip(step, "loss", outcome.loss, loop)
+            return outcome
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.visualizer is not None and self.visualizer.due(step):
+            outcome.grad_norms = self.visualizer.gradient_norms(self.model)  # before clipping
+        outcome.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.tcfg.max_grad_norm))
+        if not math.isfinite(outcome.grad_norm):
+            self._skip(step, "gradient norm", outcome.grad_norm, loop)
+            return outcome
+        loop.bad_steps = 0
+        outcome.lr = apply_lr(self.optimizer, self.tcfg, step - 1, outcome.elapsed, self.warmup_seconds or 0.0)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        outcome.updated = True
+        return outcome
+
+    def _agree(self, step: int, loss_sum: float, tokens: int, stop: StopRequest, started: float,
+               batch: Any) -> _StepOutcome:
+        """One collective per step keeps every rank's decisions (skip, stop) and, through the mean elapsed
+        time, its learning rate identical."""
+        elapsed = self.elapsed()
+        limit = self.tcfg.time_limit_minutes
+        out_of_time = limit is not None and elapsed > 60 * limit
+        loss_sum, tokens, out_of_time, stopping, elapsed = self.dist.sum(
+            [loss_sum, tokens, float(out_of_time), float(stop.signum is not None), elapsed], self.device)
+        world = self.dist.world_size
+        return _StepOutcome(step, loss_sum / world, int(tokens), elapsed / world, bool(out_of_time), bool(stopping),
+                            started, batch)
+
+    def _skip(self, step: int, what: str, value: float, loop: _LoopState) -> None:
+        loop.bad_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler:
+            self.scaler.update()
+        self.warn(f"step {step}: {what} is {value}; skipping this update ({loop.bad_steps} in a row)")
+        if loop.bad_steps >= self.tcfg.max_bad_steps:
+            raise TrainingStopped(
+                f"{loop.bad_steps} consecutive steps had a NaN/Inf {what} (last at step {step}); stopping. "
+                f"The last good checkpoint is in {self.ckpt_dir}. Lower training.learning_rate or check the data."
+            )
+
+    def _report(self, outcome: _StepOutcome, loop: _LoopState, progress: Any) -> None:
+        """Scalars every ``log_every`` steps (and the last), the progress line, visuals when due."""
+        step, now = outcome.step, time.perf_counter()
+        loop.window_tokens += outcome.tokens
+        loop.tokens_total += outcome.tokens
+        loop.summary.train_loss, loop.summary.steps = outcome.loss, step
+        if step % self.tcfg.log_every == 0 or step == self.tcfg.num_steps:
+            self._record({
+                "train/loss": outcome.loss, "train/lr": outcome.lr, "train/grad_norm": outcome.grad_norm,
+                "train/tokens_per_second": loop.window_tokens / max(now - loop.window_start, 1e-9),
+                "train/seconds_per_step": now - outcome.started,
+                "train/peak_memory_mb": peak_memory_mb(self.device),
+            }, step)
+            loop.window_tokens, loop.window_start = 0, time.perf_counter()
+        throughput = loop.tokens_total / max(time.perf_counter() - loop.started, 1e-9)
+        progress.update(step, outcome.loss, outcome.lr, throughput)
+        if outcome.grad_norms is not None:
+            self._log_visuals(step, outcome.batch, outcome.grad_norms)
+
+    def _evaluate_if_due(self, outcome: _StepOutcome, loop: _LoopState, progress: Any) -> None:
+        """Validation every ``eval_every`` steps, at the last step and at the time limit; tracks the best."""
+        step = outcome.step
+        if not (step % self.tcfg.eval_every == 0 or step == self.tcfg.num_steps or outcome.out_of_time):
+            return
+        val = self.validate()
+        if not val:
+            return
+        self._record({f"val/{k}": v for k, v in val.items()}, step)
+        loop.summary.val = val
+        progress.note(f"step {step}: val loss {val['loss']:.3f}, accuracy {val['accuracy']:.1%}")
+        if val["loss"] < loop.best_val:
+            loop.best_val = val["loss"]
+            loop.summary.best_checkpoint = self.ckpt_dir / f"checkpoint-{step}.ckpt"
+
+    def _checkpoint_or_stop(self, outcome: _StepOutcome, loop: _LoopState, stop: StopRequest) -> bool:
+        """Checkpoint when due (every ``save_every`` updates and the last) and always before stopping; a
+        signal ends the run with :class:`Interrupted`, the time limit by returning True. A skipped update
+        is no checkpoint of its own, but never swallows a stop."""
+        step, summary, tcfg = outcome.step, loop.summary, self.tcfg
+        due = outcome.updated and (step % tcfg.save_every == 0 or step == tcfg.num_steps)
+        if due or outcome.out_of_time or outcome.stopping:
+            summary.last_checkpoint = self.snapshot(step, {"train_loss": summary.train_loss, **summary.val})
+        if outcome.stopping:
+            raise Interrupted(stop.signum or signal.SIGTERM, summary.last_checkpoint)
+        if outcome.out_of_time:
+            summary.stopped = f"time limit ({tcfg.time_limit_minutes:g} min) reached at step {step}"
+        return outcome.out_of_time
+
+    def _finish(self, loop: _LoopState, display: TrainingDisplay) -> TrainingSummary:
+        summary = loop.summary
         if summary.best_checkpoint is not None and not summary.best_checkpoint.exists():
             summary.best_checkpoint = summary.last_checkpoint
-        summary.tokens_per_second = tokens_total / max(time.perf_counter() - started, 1e-9)
+        summary.tokens_per_second = loop.tokens_total / max(time.perf_counter() - loop.started, 1e-9)
         if self.dist.is_main and summary.val:
             summary.baselines = self.data.baselines()
             self.logger.log_scalars({f"val/baseline_{k}_accuracy": v for k, v in summary.baselines.items()},
@@ -459,4 +458,7 @@ class Trainer:
 def run_training(cfg: LHTConfig, resume: str | None = None, quiet: bool = False,
                  console: Console | None = None) -> TrainingSummary:
     """Train ``cfg`` from scratch or from a checkpoint (``resume``: a path or ``auto``); returns the summary."""
-    return Trainer(cfg, resume, quiet, console).run()
+    from lhtcli.training.run_lock import experiment_lock
+
+    with experiment_lock(cfg.checkpoint_dir(), cfg.experiment_name):  # one run per experiment directory
+        return Trainer(cfg, resume, quiet, console).run()
