@@ -28,3 +28,12 @@ def test_peers_benchmark_prints_every_model(tmp_path: Path) -> None:
     assert all(r["lht_speedup"] > 0 for r in rows)
     table = [line for line in done.stdout.splitlines() if line.startswith("| 128 |")]
     assert len(table) == 4 and all(line.rstrip().endswith("x |") for line in table[1:])
+
+
+def test_masking_rate_benchmark_prints_a_row_per_rate(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "masking_rate.py"), "--rates", "0.15,0.4",
+                           "--steps", "1", "--warmup", "0"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 0.")]
+    assert [r.split("|")[1].strip() for r in rows] == ["0.15", "0.4"]
+    assert rows[0].rstrip().endswith("1.00x |")
