@@ -1,8 +1,8 @@
 """More built-in text: every pure-Python standard-library module's docstrings and source comments.
 
-The curated docstring list in ``builtin_corpus`` holds about 0.6M characters of prose; the rest of
-the standard library adds about 0.6M more in docstrings and about 1.4M in comments (block comments
-are English prose explaining the code). Everything is read from source (``ast`` and a line scan);
+The curated docstring list in ``builtin_corpus`` holds about 0.63M characters of prose; the rest of
+the standard library (~490 modules on CPython 3.11) adds about 0.29M in docstrings and 0.69M in
+comments (block comments are English prose explaining the code), after de-duplication. Everything is read from source (``ast`` and a line scan);
 nothing is imported, so nothing runs.
 """
 
