@@ -2,8 +2,8 @@
 
 The curated docstring list in ``builtin_corpus`` holds about 0.63M characters of prose; the rest of
 the standard library (~490 modules on CPython 3.11) adds about 0.29M in docstrings and 0.69M in
-comments (block comments are English prose explaining the code), after de-duplication. Everything is read from source (``ast`` and a line scan);
-nothing is imported, so nothing runs.
+comments (block comments are English prose explaining the code), after de-duplication. Everything
+is read from source (``ast`` and a line scan); nothing is imported, so nothing runs.
 """
 
 from __future__ import annotations
