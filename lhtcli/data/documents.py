@@ -150,6 +150,20 @@ def value_to_document(value: Any) -> Document | None | str:
     return _shape_problem(value)
 
 
+def accept_record(
+    where: str, result: Document | None | str, skip_bad_records: bool, report: BadRecordReport | None
+) -> Document | None:
+    """One parsed record: a document passes, None (an empty text) is dropped silently, and a problem message
+    is an error, or with ``data.skip_bad_records`` a warning in ``report`` and the record dropped."""
+    if not isinstance(result, str):
+        return result
+    if not skip_bad_records:
+        raise DataError(f"{where}: {result}; {SKIP_HINT}")
+    if report is not None:
+        report.add(f"{where}: {result}")
+    return None
+
+
 def _parse_jsonl_line(raw: bytes, text_field: str, first: bool) -> Document | None | str:
     """A document, ``None`` for a blank line (or a record without text), or a problem description."""
     try:
@@ -189,16 +203,9 @@ def read_jsonl(
     with handle:
         for number, raw in enumerate(handle, start=1):
             where = f"{path} line {number}"
-            result = _parse_jsonl_line(raw, text_field, number == 1)
-            if result is None:
-                continue
-            if isinstance(result, str):
-                if not skip_bad_records:
-                    raise DataError(f"{where}: {result}; {SKIP_HINT}")
-                if report is not None:
-                    report.add(f"{where}: {result}")
-                continue
-            yield result
+            document = accept_record(where, _parse_jsonl_line(raw, text_field, number == 1), skip_bad_records, report)
+            if document is not None:
+                yield document
 
 
 # ----------------------------------------------------------------------------- plain text and Markdown
@@ -368,15 +375,9 @@ def _read_json_array(path: Path, text_field: str, skip_bad_records: bool,
             result = f"no {text_field!r} field (keys: {keys}); set data.text_field to the field holding the text"
         else:
             result = f"expected a JSON object with a {text_field!r} field, got {_describe(record)}"
-        if result is None:
-            continue
-        if isinstance(result, str):
-            if not skip_bad_records:
-                raise DataError(f"{path} record {number}: {result}; {SKIP_HINT}")
-            if report is not None:
-                report.add(f"{path} record {number}: {result}")
-            continue
-        yield result
+        document = accept_record(f"{path} record {number}", result, skip_bad_records, report)
+        if document is not None:
+            yield document
 
 
 def _json_is_array(path: Path) -> bool:

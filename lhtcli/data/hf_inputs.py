@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lhtcli.data.documents import SKIP_HINT, BadRecordReport, Document, value_to_document
+from lhtcli.data.documents import BadRecordReport, Document, accept_record, value_to_document
 from lhtcli.errors import DataError, LHTError
 
 EXTRA_HINT = "install the optional extra: pip install 'lhtcli[hf]'"
@@ -123,16 +123,9 @@ def documents_from_rows(
 ) -> Iterator[Document]:
     """Documents of (where, column value) rows, pulled one at a time; empty texts are skipped."""
     for where, value in rows:
-        result = value_to_document(value)
-        if result is None:
-            continue
-        if isinstance(result, str):
-            if not skip_bad_records:
-                raise DataError(f"{where}: {result}; {SKIP_HINT}")
-            if report is not None:
-                report.add(f"{where}: {result}")
-            continue
-        yield result
+        document = accept_record(where, value_to_document(value), skip_bad_records, report)
+        if document is not None:
+            yield document
 
 
 def read_hf_input(
