@@ -74,15 +74,12 @@ def entropy(
     from rich.console import Console
 
     from lhtcli.diagnostics.attention_stats import EntropyAccumulator, capture_attention
-    from lhtcli.diagnostics.loading import load_model, read_document, text_source
-    from lhtcli.errors import ConfigError
+    from lhtcli.diagnostics.loading import checkpoint_paths, load_model, read_document, text_source
     from lhtcli.render.figures import entropy_figure, save_figure
     from lhtcli.render.tables import entropy_table, hierarchy_table
 
     console = Console(stderr=json_)
-    paths = ([checkpoint] if checkpoint is not None else []) + list(checkpoints or [])
-    if len(paths) > 2:
-        raise ConfigError(f"give one or two checkpoints to compare, got {len(paths)}")
+    paths = checkpoint_paths(checkpoint, checkpoints)
     if len(paths) == 2:
         _compare(paths, config, set_, document, batches, per_head, json_, device, console, output)
         return
@@ -139,19 +136,11 @@ def _compare(paths, config, set_, document, batches, per_head, json_, device, co
         collapse_warnings,
         compare_reports,
     )
-    from lhtcli.diagnostics.loading import load_model, read_document, text_source
-    from lhtcli.errors import ConfigError
+    from lhtcli.diagnostics.loading import load_pair, read_document, text_source
     from lhtcli.render.tables import comparison_table
 
-    if config is not None:
-        raise ConfigError("comparing two checkpoints: drop --config (each checkpoint carries its own)")
     doc = read_document(document)[1] if document is not None else None
-    models = [load_model(p, None, set_, device.value if device else None, document=doc) for p in paths]
-    if models[0].tokenizer.to_json_str() != models[1].tokenizer.to_json_str():
-        raise ConfigError(
-            f"{paths[0]} and {paths[1]} use different tokenizers, so they cannot be compared on the same "
-            "tokens; compare checkpoints of one run"
-        )
+    models = load_pair(paths, config, set_, device.value if device else None, doc)
     source = text_source(models[0], document, batches, masked=False)
     reports = []
     for loaded in models:

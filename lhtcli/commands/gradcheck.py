@@ -73,22 +73,15 @@ def gradcheck(
     from rich.console import Console
 
     from lhtcli.diagnostics.gradients import attention_gradcheck
-    from lhtcli.diagnostics.loading import load_model, read_document, text_source
-    from lhtcli.errors import ConfigError
+    from lhtcli.diagnostics.loading import checkpoint_paths, load_model, load_pair, read_document, text_source
     from lhtcli.render.figures import gradient_flow_figure, save_figure
     from lhtcli.render.tables import gradient_table
 
     console = Console(stderr=json_)
-    paths = ([checkpoint] if checkpoint is not None else []) + list(checkpoints or [])
-    if len(paths) > 2:
-        raise ConfigError(f"give one or two checkpoints to compare, got {len(paths)}")
+    paths = checkpoint_paths(checkpoint, checkpoints)
     doc = read_document(document)[1] if document is not None else None
     if len(paths) == 2:
-        if config is not None:
-            raise ConfigError("comparing two checkpoints: drop --config (each checkpoint carries its own)")
-        models = [load_model(p, None, set_, device.value if device else None, document=doc) for p in paths]
-        if models[0].tokenizer.to_json_str() != models[1].tokenizer.to_json_str():
-            raise ConfigError(f"{paths[0]} and {paths[1]} use different tokenizers; compare checkpoints of one run")
+        models = load_pair(paths, config, set_, device.value if device else None, doc)
         source = text_source(models[0], document, batches, masked=True)
         results = [_gradients(m, source) for m in models]
         _print_comparison(models, results, source, output, json_, console, strict)

@@ -118,6 +118,30 @@ def load_model(
     return LoadedModel(model, cfg, tokenizer, target, f"random initialisation from {name} (seed {cfg.seed})")
 
 
+def checkpoint_paths(checkpoint: Path | None, checkpoints: list[Path] | None) -> list[Path]:
+    """The checkpoints a diagnostic was given (``--checkpoint`` and/or positional): none, one, or two to compare."""
+    paths = ([checkpoint] if checkpoint is not None else []) + list(checkpoints or [])
+    if len(paths) > 2:
+        raise ConfigError(f"give one or two checkpoints to compare, got {len(paths)}")
+    return paths
+
+
+def load_pair(
+    paths: list[Path], config: Path | None, sets: list[str] | None, device: str | None,
+    document: list[list[str]] | None,
+) -> list[LoadedModel]:
+    """Two checkpoints to compare on the same tokens: each carries its config, and they share a tokenizer."""
+    if config is not None:
+        raise ConfigError("comparing two checkpoints: drop --config (each checkpoint carries its own)")
+    models = [load_model(p, None, sets, device, document=document) for p in paths]
+    if models[0].tokenizer.to_json_str() != models[1].tokenizer.to_json_str():
+        raise ConfigError(
+            f"{paths[0]} and {paths[1]} use different tokenizers, so they cannot be compared on the same "
+            "tokens; compare checkpoints of one run"
+        )
+    return models
+
+
 def _from_checkpoint(path: Path, sets: list[str] | None, device: str | None) -> LoadedModel:
     """A ``.ckpt`` file of ``lht train`` or a folder written by ``lht export`` (safetensors: no code runs)."""
     from lhtcli.data.tokenizer import LHTTokenizer
