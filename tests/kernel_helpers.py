@@ -7,6 +7,7 @@ comes out is published like the real one but never used. ``spin`` makes g++ itse
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from pathlib import Path
@@ -71,3 +72,14 @@ def wait_for_compiler(cache: Path, timeout: float, proc=None) -> Path | None:
             return None
         time.sleep(0.02)
     return None
+
+
+def recording_status(shown: list[str]):
+    """A stand-in for Rich's ``console.status`` that records each message shown."""
+
+    @contextlib.contextmanager
+    def status(message: str):
+        shown.append(message)
+        yield
+
+    return status

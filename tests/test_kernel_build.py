@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from kernel_helpers import buildable, kernel_env, leftovers, wait_for_compiler, write_stand_in
+from kernel_helpers import buildable, kernel_env, leftovers, recording_status, wait_for_compiler, write_stand_in
 
 from lhtcli.cli import main
 from lhtcli.core import kernel_cache, native
@@ -46,15 +46,6 @@ def _recorder(messages: list[str]):
         messages.append(message)
 
     return report
-
-
-def _recording_status(shown: list[str]):
-    @contextlib.contextmanager
-    def status(message: str):
-        shown.append(message)
-        yield
-
-    return status
 
 
 def _dead_pid() -> int:
@@ -120,7 +111,7 @@ def test_a_live_build_elsewhere_is_waited_for_visibly_then_the_run_goes_on_with_
     with _held(cache, name):
         shown: list[str] = []
         started = time.monotonic()
-        reason = native.warm_up(_recording_status(shown))
+        reason = native.warm_up(recording_status(shown))
         waited = time.monotonic() - started
         native.reset()
         with pytest.warns(RuntimeWarning) as caught:

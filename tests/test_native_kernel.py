@@ -3,11 +3,11 @@ fallback to the flash kernel when it cannot be built or is switched off."""
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import pytest
 import torch
+from kernel_helpers import recording_status
 
 from lhtcli.core import native
 from lhtcli.core.attention import build_mlswa_plan, fast_compact_attention
@@ -176,15 +176,6 @@ def test_loading_a_cached_build_marks_it_used(kernel, fresh_native):
     assert native.band_kernel() is not None
     assert build.stat().st_mtime > 1e9 + 1e6  # refreshed, so pruning keeps it
 
-def _recording_status(shown: list[str]):
-    @contextlib.contextmanager
-    def status(message: str):
-        shown.append(message)
-        yield
-
-    return status
-
-
 def test_warm_up_shows_a_status_only_while_building_and_returns_why_it_failed(fresh_native, tmp_path):
     import torch.utils.cpp_extension as cpp
 
@@ -192,7 +183,7 @@ def test_warm_up_shows_a_status_only_while_building_and_returns_why_it_failed(fr
     fresh_native.setattr(native, "_why_unsupported", lambda: None)
     fresh_native.setattr(cpp, "load", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("ninja: build stopped")))
     shown: list[str] = []
-    reason = native.warm_up(_recording_status(shown))
+    reason = native.warm_up(recording_status(shown))
     assert len(shown) == 1 and "building the ML-SWA CPU kernel" in shown[0]
     assert reason is not None and "ninja: build stopped" in reason
 
@@ -200,7 +191,7 @@ def test_warm_up_shows_a_status_only_while_building_and_returns_why_it_failed(fr
 def test_warm_up_of_a_cached_kernel_shows_nothing(kernel, fresh_native):
     assert native.is_built()
     shown: list[str] = []
-    assert native.warm_up(_recording_status(shown)) is None
+    assert native.warm_up(recording_status(shown)) is None
     assert shown == [] and native.band_kernel() is not None
 
 
