@@ -108,6 +108,10 @@ class TrainingConfig(_Section):
     max_bad_steps: int = Field(5, ge=1, description="consecutive NaN/Inf steps before the run stops")
     mixed_precision: Literal["bf16", "fp16", "none"] = "bf16"
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
+    mlm_probability_end: float | None = Field(
+        None, gt=0.0, lt=1.0,
+        description="masking rate at the end of training, reached linearly after the warmup; null = constant",
+    )
     eval_mlm_probability: float | None = Field(
         None, gt=0.0, lt=1.0, description="masking rate of the validation batches; null = mlm_probability"
     )

@@ -1,7 +1,7 @@
 import pytest
 
 from lhtcli.config import TrainingConfig
-from lhtcli.training.schedule import lr_factor
+from lhtcli.training.schedule import lr_factor, mlm_probability_at
 
 
 def test_warmup_then_linear_decay_to_the_floor():
@@ -37,3 +37,26 @@ def test_time_decay_starts_at_the_peak_after_a_timed_warmup():
     assert lr_factor(10, cfg, elapsed_seconds=60, warmup_seconds=60) == pytest.approx(1.0, abs=1e-3)
     assert lr_factor(10, cfg, elapsed_seconds=90, warmup_seconds=60) == pytest.approx(0.5)
     assert lr_factor(10, cfg, elapsed_seconds=120, warmup_seconds=60) == pytest.approx(0.0)
+
+
+def test_masking_rate_is_constant_without_an_end_rate():
+    cfg = TrainingConfig(num_steps=100, warmup_steps=10, mlm_probability=0.3)
+    assert {mlm_probability_at(step, cfg) for step in (0, 10, 55, 100, 400)} == {0.3}
+
+
+def test_masking_rate_falls_linearly_after_the_warmup():
+    cfg = TrainingConfig(num_steps=110, warmup_steps=10, mlm_probability=0.5, mlm_probability_end=0.1)
+    assert mlm_probability_at(0, cfg) == pytest.approx(0.5)
+    assert mlm_probability_at(10, cfg) == pytest.approx(0.5)
+    assert mlm_probability_at(60, cfg) == pytest.approx(0.3)
+    assert mlm_probability_at(110, cfg) == pytest.approx(0.1)
+    assert mlm_probability_at(500, cfg) == pytest.approx(0.1)
+    rising = cfg.model_copy(update={"mlm_probability": 0.1, "mlm_probability_end": 0.5})
+    assert mlm_probability_at(60, rising) == pytest.approx(0.3)
+
+
+def test_masking_rate_follows_the_time_limit_like_the_learning_rate():
+    cfg = TrainingConfig(num_steps=10_000, warmup_steps=0, mlm_probability=0.4, mlm_probability_end=0.2,
+                         time_limit_minutes=2)
+    assert mlm_probability_at(10, cfg, elapsed_seconds=60) == pytest.approx(0.3)
+    assert mlm_probability_at(10, cfg, elapsed_seconds=120) == pytest.approx(0.2)

@@ -41,15 +41,17 @@ def test_twenty_steps_learn_and_write_checkpoints(corpus: Path):
     assert "[MASK]" in ckpt.tokenizer_json
 
 
-def test_resume_continues_exactly(corpus: Path, in_tmp: Path):
-    full = load_config(None, tiny_overrides(corpus, name="full", **{"training.num_steps": 8, "training.save_every": 4}))
+@pytest.mark.parametrize("masking", [{}, {"training.mlm_probability": 0.6, "training.mlm_probability_end": 0.1}],
+                         ids=["constant-masking", "masking-schedule"])
+def test_resume_continues_exactly(corpus: Path, in_tmp: Path, masking: dict[str, float]):
+    settings = {"training.num_steps": 8, "training.save_every": 4, **masking}
+    full = load_config(None, tiny_overrides(corpus, name="full", **settings))
     run_training(full, quiet=True)
     reference = losses(full.run_dir())
     saved = in_tmp / "saved-step-4.ckpt"
     shutil.copy(full.checkpoint_dir() / "checkpoint-4.ckpt", saved)
 
-    resumed = load_config(None, tiny_overrides(corpus, name="resumed", **{"training.num_steps": 8,
-                                                                        "training.save_every": 4}))
+    resumed = load_config(None, tiny_overrides(corpus, name="resumed", **settings))
     summary = run_training(resumed, resume=str(saved), quiet=True)
     assert summary.steps == 8
     continued = losses(resumed.run_dir())
@@ -156,3 +158,30 @@ def test_refuses_a_pickle_that_would_run_code(in_tmp: Path):
     with pytest.raises(CheckpointError, match="refusing"):
         load_checkpoint(evil)
     assert not (in_tmp / "pwned").exists()
+
+
+def test_masking_schedule_reaches_the_training_batches(corpus: Path, monkeypatch: pytest.MonkeyPatch):
+    import lhtcli.data.batching as batching
+
+    rates: list[float] = []
+    make_batch = batching.make_batch
+
+    def recording(sequences, tokenizer, mlm_probability, generator):
+        rates.append(mlm_probability)
+        return make_batch(sequences, tokenizer, mlm_probability, generator)
+
+    monkeypatch.setattr(batching, "make_batch", recording)
+    cfg = load_config(None, tiny_overrides(corpus, **{
+        "training.num_steps": 12, "training.warmup_steps": 2, "training.grad_accum_steps": 1,
+        "training.mlm_probability": 0.6, "training.mlm_probability_end": 0.1, "training.eval_mlm_probability": 0.17,
+    }))
+    run_training(cfg, quiet=True)
+    validation = [r for r in rates if r == pytest.approx(0.17)]
+    training = rates[len(validation):]
+    assert len(training) == 12
+    assert training[:3] == pytest.approx([0.6, 0.6, 0.6])  # warmup, then the first decay step
+    assert training[-1] == pytest.approx(0.6 + (0.1 - 0.6) * 9 / 10)
+    assert all(a >= b for a, b in zip(training, training[1:], strict=False)) and training[-1] < 0.2
+    logged = [r["train/mlm_probability"] for r in read_metrics(cfg.run_dir() / "metrics.jsonl")
+              if "train/mlm_probability" in r]
+    assert logged[0] == pytest.approx(0.6) and logged[-1] == pytest.approx(training[-1])

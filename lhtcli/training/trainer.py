@@ -34,7 +34,7 @@ from lhtcli.training.optimizer import build_adamw, keep_fused
 from lhtcli.training.preflight import check_disk_space, check_output_dirs
 from lhtcli.training.progress import TrainingDisplay
 from lhtcli.training.rng import restore_rng, rng_state, seed_everything
-from lhtcli.training.schedule import apply_lr
+from lhtcli.training.schedule import apply_lr, mlm_probability_at
 from lhtcli.training.stopping import Interrupted, StopRequest
 
 
@@ -170,6 +170,7 @@ class Trainer:
         self.warmup_seconds: float | None = None  # training seconds when the warmup ended (LR decay by time)
         if ckpt is not None:
             self._restore(ckpt)
+        self.agreed_elapsed = self.elapsed_before  # training seconds after the last step, agreed by all ranks
         limit = self.tcfg.time_limit_minutes
         if limit is not None and self.elapsed_before >= 60 * limit:
             raise ConfigError(
@@ -322,8 +323,12 @@ class Trainer:
         norm is NaN/Inf: then the update is skipped (and too many such steps in a row end the run)."""
         self.model.train()
         started = time.perf_counter()
+        # The previous step's agreed time keeps every rank's masking rate identical.
+        self.data.train_stream.mlm_probability = mlm_probability_at(
+            step - 1, self.tcfg, self.agreed_elapsed, self.warmup_seconds or 0.0)
         loss_sum, tokens, batch = self.accumulate()
         outcome = self._agree(step, loss_sum, tokens, stop, started, batch)
+        self.agreed_elapsed = outcome.elapsed
         if self.warmup_seconds is None and step >= self.tcfg.warmup_steps:
             self.warmup_seconds = outcome.elapsed if self.tcfg.warmup_steps else 0.0
         if not math.isfinite(outcome.loss):
@@ -385,6 +390,8 @@ class Trainer:
                 "train/tokens_per_second": loop.window_tokens / max(now - loop.window_start, 1e-9),
                 "train/seconds_per_step": now - outcome.started,
                 "train/peak_memory_mb": peak_memory_mb(self.device),
+                **({"train/mlm_probability": self.data.train_stream.mlm_probability}
+                   if self.tcfg.mlm_probability_end is not None else {}),
             }, step)
             loop.window_tokens, loop.window_start = 0, time.perf_counter()
         throughput = loop.tokens_total / max(time.perf_counter() - loop.started, 1e-9)
