@@ -51,9 +51,9 @@ def test_default_config_contents():
     assert cfg.experiment_name == "lht_default"
     assert cfg.device == "auto"
     m = cfg.model
-    assert (m.vocab_size, m.d_model, m.n_heads, m.num_layers, m.d_ff, m.max_seq_len) == (None, 128, 2, 4, 512, 512)
+    assert (m.vocab_size, m.d_model, m.n_heads, m.num_layers, m.d_ff, m.max_seq_len) == (None, 128, 4, 2, 512, 512)
     assert m.mlswa.window_size_per_level == [32, 8, 4]
-    assert m.mlswa.layer_max_level == [1, 2, 2, 2]
+    assert m.mlswa.layer_max_level == [2, 2]
     assert cfg.training.lr_schedule == "cosine"
     assert cfg.training.time_limit_minutes == 5
     assert (cfg.data.path, cfg.data.tokenizer) == ("builtin", "train")
@@ -197,8 +197,8 @@ def test_negative_window():
 
 
 def test_layer_max_level_wrong_length():
-    message = config_error(default_config_path(), ["model.mlswa.layer_max_level=[2,2]"])
-    assert "layer_max_level has 2 entries but num_layers is 4" in message
+    message = config_error(default_config_path(), ["model.mlswa.layer_max_level=[2,2,2]"])
+    assert "layer_max_level has 3 entries but num_layers is 2" in message
 
 
 def test_layer_max_level_above_top_level():

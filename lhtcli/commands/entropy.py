@@ -23,7 +23,7 @@ examples:
 
   lht entropy --checkpoint checkpoints/lht_default/last.ckpt
   lht entropy --checkpoint checkpoints/lht_default/last.ckpt --per-head --batches 4
-  lht entropy checkpoints/lht_default/checkpoint-500.ckpt checkpoints/lht_default/last.ckpt --per-head
+  lht entropy checkpoints/lht_default/checkpoint-1000.ckpt checkpoints/lht_default/last.ckpt --per-head
   lht entropy --config configs/cpu_small.yaml --json > entropy.json
   lht entropy --checkpoint checkpoints/lht_default/last.ckpt --output entropy.png
 """

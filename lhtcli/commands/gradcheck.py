@@ -24,7 +24,7 @@ examples:
   lht gradcheck --checkpoint checkpoints/lht_default/last.ckpt
   lht gradcheck --config configs/cpu_small.yaml --batches 2 --strict
   lht gradcheck --config configs/cpu_small.yaml --numerical --json
-  lht gradcheck checkpoints/lht_default/checkpoint-500.ckpt checkpoints/lht_default/last.ckpt
+  lht gradcheck checkpoints/lht_default/checkpoint-1000.ckpt checkpoints/lht_default/last.ckpt
 """
 
 
