@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -83,3 +84,10 @@ def recording_status(shown: list[str]):
         yield
 
     return status
+
+
+def ctrl_c_reaches_child() -> None:
+    """``preexec_fn`` of a child that a test will Ctrl-C: a shell starts background jobs with SIGINT
+    ignored, and Python keeps an ignored SIGINT ignored, so a suite run from ``cmd &`` or ``nohup``
+    would send a Ctrl-C the child never sees."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -18,7 +18,15 @@ import time
 from pathlib import Path
 
 import pytest
-from kernel_helpers import buildable, kernel_env, leftovers, recording_status, wait_for_compiler, write_stand_in
+from kernel_helpers import (
+    buildable,
+    ctrl_c_reaches_child,
+    kernel_env,
+    leftovers,
+    recording_status,
+    wait_for_compiler,
+    write_stand_in,
+)
 
 from lhtcli.cli import main
 from lhtcli.core import kernel_cache, native
@@ -326,7 +334,7 @@ def test_a_signal_during_the_compile_exits_cleanly_and_leaves_nothing(sig: signa
                                                                       lht_cmd: list[str]):
     cache = Path(kenv["LHT_KERNEL_CACHE"])
     proc = subprocess.Popen([*lht_cmd, "kernels", "build"], env=kenv, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_reaches_child)
     try:
         assert wait_for_compiler(cache, 60, proc) is not None, proc.communicate()
         proc.send_signal(sig)
@@ -400,7 +408,7 @@ def test_sigkill_during_a_real_build_then_the_next_run_builds_at_once(subprocess
     assert leftovers(cache)  # its lock file and temporary directory stay behind: nobody could remove them
     started = time.monotonic()
     proc = subprocess.Popen([*lht_cmd, "kernels", "build"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=ctrl_c_reaches_child)
     try:
         assert wait_for_compiler(cache, 60, proc) is not None
         assert time.monotonic() - started < 60
